@@ -1,0 +1,24 @@
+// Each kernel source is compiled once per instruction set (CMake: baseline, and avx2 on x86-64) into
+// namespace pyco::cpu::<isa>; cpu/dispatch_isa.cpp picks one at run time. Every variant computes the same
+// IEEE operations in the same order (no FMA contraction, fixed lanes), so results do not depend on the ISA.
+#pragma once
+
+#include "../kernels.h"
+
+#ifndef PYCO_ISA
+#define PYCO_ISA baseline
+#endif
+
+namespace pyco::cpu {
+
+#define PYCO_DECLARE_KERNELS(isa)                                                                          \
+  namespace isa {                                                                                          \
+  void sgd_step(const TensorRecord*, int64_t, const SgdHyper*, int64_t, const LaunchOptions&);             \
+  void adam_step(const TensorRecord*, int64_t, const AdamHyper*, int64_t, const LaunchOptions&);           \
+  bool grads_all_finite(const TensorRecord*, int64_t, int);                                                \
+  }
+
+PYCO_DECLARE_KERNELS(baseline)
+PYCO_DECLARE_KERNELS(avx2)
+
+}  // namespace pyco::cpu

@@ -1,0 +1,84 @@
+"""The Python half of the kernel contract: packs tensors into the table the kernels read (csrc/common.h)."""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+
+from pyco._ext import _C
+
+DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPE_CODES.items()}
+REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+SUPPORTED_DTYPES = tuple(DTYPE_CODES) + tuple(REAL_OF_COMPLEX)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """True when t's elements fill a contiguous span of memory, each once (any order of dimensions)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted((s, st) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Table:
+    """Records of one launch plus the temporary copies that must be written back after it.
+
+    Tensors whose memory the kernel cannot treat as one flat array (a non-dense parameter, or a gradient
+    or state tensor whose strides differ from the parameter's) are updated through contiguous copies.
+    """
+
+    def __init__(self) -> None:
+        self.records = array("q")
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (original, working copy)
+        self.keep: list[torch.Tensor] = []  # views and copies that must outlive the launch
+
+    def add(self, param, grad, states, *, step=None, group=0, block=0, flags=0) -> None:
+        """states: up to three tensors shaped like param (None for unused slots)."""
+        if param.is_complex() or not (
+            param.is_contiguous() and grad.is_contiguous() and all(t is None or t.is_contiguous() for t in states)
+        ):
+            param, grad, states = self._flat_views(param, grad, states)
+        ptrs = [0 if t is None else t.data_ptr() for t in states]
+        ptrs += [0] * (3 - len(ptrs))
+        if step is None:
+            step_ptr, step_code = 0, 0
+        else:
+            step_ptr, step_code = step.data_ptr(), DTYPE_CODES[step.dtype]
+        codes = DTYPE_CODES[param.dtype] | (step_code << 8) | (flags << 16)
+        self.records.extend((param.data_ptr(), grad.data_ptr(), *ptrs, step_ptr, param.numel(), codes, group, block))
+
+    def _flat_views(self, param, grad, states):
+        """Complex tensors as real pairs; layouts the kernel cannot read as one flat array as copies."""
+        tensors = [param, grad, *states]
+        if param.is_complex():
+            tensors = [None if t is None else torch.view_as_real(t) for t in tensors]
+        p = tensors[0]
+        if not (is_dense(p) and all(t is None or t.stride() == p.stride() for t in tensors[1:])):
+            tensors = [None if t is None else self._working_copy(t) for t in tensors]
+        self.keep.extend(t for t in tensors if t is not None)
+        return tensors[0], tensors[1], tensors[2:]
+
+    def _working_copy(self, t: torch.Tensor) -> torch.Tensor:
+        copy = t.contiguous() if not t.is_contiguous() else t
+        if copy is not t:
+            self.copies.append((t, copy))
+        return copy
+
+    def write_back(self) -> None:
+        for original, copy in self.copies:
+            original.copy_(copy)
+
+    def __len__(self) -> int:
+        return len(self.records) // _C.RECORD_FIELDS
+
+
+def grads_all_finite(grads: list[torch.Tensor], num_threads: int) -> bool:
+    table = Table()
+    for g in grads:
+        table.add(g, g, ())
+    return _C.grads_all_finite(table.records, num_threads=num_threads)

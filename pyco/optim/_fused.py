@@ -1,0 +1,227 @@
+"""What pyco's optimizers share: validation at the door, blocks, the launch, GradScaler, statistics.
+
+A rule (SGD, Adam) supplies its hyper-parameter checks, its state and its kernel; this base class turns a
+step into one kernel launch over every parameter of every group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from pyco import blocks as _blocks
+from pyco._kernels import SUPPORTED_DTYPES, Table, grads_all_finite
+from pyco.stats import BlockStats
+
+log = logging.getLogger("pyco")
+
+NONFINITE_POLICIES = ("apply", "skip")
+
+
+def check_number(name: str, value, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> float:
+    """Validates a hyper-parameter (a number or a 1-element tensor) and returns it as a float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {list(value.shape)}")
+        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"Invalid {name}: {value!r} (expected a number)")
+    bound = "" if high is None else (f" < {high}" if high_open else f" <= {high}")
+    if math.isnan(number) or number < low or (high is not None and (number >= high if high_open else number > high)):
+        raise ValueError(f"Invalid {name}: {value} (expected {low} <= {name}{bound})")
+    return number
+
+
+class FusedOptimizer(Optimizer):
+    """Base of pyco.optim's optimizers. Subclasses define ``_check_group``, ``_hyper``, ``_kernel``,
+    ``_states`` (lazy state creation) and ``_check_state_entry``."""
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf; unscaling is fused
+
+    def __init__(self, params, defaults: dict, *, blocks=None, stats: bool = True, nonfinite: str = "apply"):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r} (expected one of {NONFINITE_POLICIES})")
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"{type(self).__name__} does not support differentiable=True; use torch.optim.{type(self).__name__}"
+            )
+        if defaults.get("capturable"):
+            raise ValueError(
+                f"capturable=True needs pyco's CUDA kernels, which this build does not have; "
+                f"leave capturable=False (the CPU kernels never synchronize) or use torch.optim.{type(self).__name__}"
+            )
+        super().__init__(params, defaults)
+        self.stats = bool(stats)
+        self.nonfinite = nonfinite
+        self.last_stats: BlockStats | None = None
+        self.skipped_steps = 0
+        self._block_spec = None if blocks is None else self._spec_list(blocks)
+        self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
+
+    # ---- construction -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _spec_list(blocks) -> list:
+        return list(blocks.items()) if isinstance(blocks, dict) else list(blocks)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            self._check_group(group)
+            for pi, p in enumerate(group["params"]):
+                self._check_param(gi, pi, p)
+            if hasattr(self, "_block_names"):  # a group added after construction: it becomes its own block
+                spec = self._block_spec
+                if spec is not None:
+                    spec = spec + [(str(group.get("name", f"group{gi}")), list(group["params"]))]
+                names, index = _blocks.resolve(self.param_groups, spec)
+                self._block_spec, self._block_names, self._block_index = spec, names, index
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
+
+    def _check_param(self, gi: int, pi: int, p: torch.Tensor) -> None:
+        where = f"{type(self).__name__}: {_blocks.describe_param(gi, pi, p)}"
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{where} has unsupported dtype {p.dtype}; pyco updates float32, float64, float16, bfloat16 "
+                "and complex64/complex128 parameters"
+            )
+        if p.device.type != "cpu":
+            raise ValueError(
+                f"{where} is on {p.device}, but this build of pyco has CPU kernels only; keep the model on "
+                f"the CPU or use torch.optim.{type(self).__name__} for {p.device.type} tensors"
+            )
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return self._block_names
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def _collect(self) -> list[tuple[int, dict, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Parameters with gradients, per group, after checking every one of them. Changes nothing."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            pairs = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
+                        or p.device.type != "cpu" or g.device != p.device):
+                    self._reject_grad(gi, pi, p, g)
+                pairs.append((p, g))
+            work.append((gi, group, pairs))
+        return work
+
+    def _reject_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        self._check_param(gi, pi, p)
+        where = f"{type(self).__name__}: {_blocks.describe_param(gi, pi, p)}"
+        if g.is_sparse:
+            raise RuntimeError(
+                f"{where} has a sparse gradient, which pyco does not support; use torch.optim.SparseAdam "
+                "or a dense embedding (nn.Embedding(sparse=False))"
+            )
+        raise ValueError(
+            f"{where} has a gradient of {g.dtype}, shape {list(g.shape)} on {g.device}; "
+            "it must match the parameter's dtype, shape and device"
+        )
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        self.last_stats = BlockStats.zeros(self._block_names, skipped=True) if self.stats else None
+        log.warning("%s: step skipped (%s); parameters and state unchanged", type(self).__name__, reason)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Performs one optimization step over every group in a single kernel launch.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            self._skip("GradScaler found inf or NaN gradients")
+            return loss
+        threads = torch.get_num_threads()
+        if self.nonfinite == "skip" and not grads_all_finite([g for _, _, pairs in work for _, g in pairs], threads):
+            self._skip("non-finite gradients, nonfinite='skip'")
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        table = Table()
+        hypers = []
+        for gi, group, pairs in work:
+            hypers.append(self._hyper(group))
+            for p, g in pairs:
+                states, step, flags = self._states(p, group)
+                table.add(p, g, states, step=step, group=gi, block=self._block_index[id(p)], flags=flags)
+        values = torch.zeros(len(self._block_names), 4, dtype=torch.float64) if self.stats else None
+        self._kernel(
+            table.records,
+            hypers,
+            grad_scale=1.0 if grad_scale is None else float(grad_scale),
+            stats=0 if values is None else values.data_ptr(),
+            num_blocks=len(self._block_names),
+            num_threads=threads,
+        )
+        table.write_back()
+        self.last_stats = None if values is None else BlockStats(self._block_names, values)
+        return loss
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads torch.optim's layout (from pyco or torch). Every entry is checked first: a state dict that
+        does not fit these parameters raises and nothing is loaded."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("state_dict must be a dict with 'state' (dict) and 'param_groups' (list)")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} of the state_dict has {len(saved.get('params', ()))} parameters, "
+                    f"this optimizer's has {len(group['params'])}"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            self._check_group(merged)
+            for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = saved_state.get(key)
+                if entry:
+                    self._check_state_entry(f"{_blocks.describe_param(gi, pi, p)}", p, entry, merged)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._normalize_state(self.state.get(p))
+
+    def _normalize_state(self, entry: dict | None) -> None:
+        """Hook for rules whose state needs a fixed representation after loading (Adam's step counter)."""
+
+
+def check_state_tensor(where: str, name: str, p: torch.Tensor, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"state_dict: {where}: '{name}' is {type(value).__name__}, expected a tensor")
+    if value.shape != p.shape:
+        raise ValueError(
+            f"state_dict: {where}: '{name}' has shape {list(value.shape)}, expected {list(p.shape)}; "
+            "was this state saved for another model?"
+        )

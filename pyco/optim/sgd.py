@@ -1,0 +1,90 @@
+"""SGD with momentum, torch.optim.SGD's semantics, one fused launch per step."""
+
+from __future__ import annotations
+
+import torch
+
+from pyco._ext import _C
+from pyco.optim._fused import FusedOptimizer, check_number, check_state_tensor
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent (optionally with momentum), a drop-in for :class:`torch.optim.SGD`.
+
+    .. math::
+        d_t = \pm g_t + \lambda\theta_{t-1}, \quad
+        b_t = \begin{cases} d_t & t = 1 \\ \mu b_{t-1} + (1-\tau) d_t & t > 1 \end{cases}, \quad
+        \theta_t = \theta_{t-1} - \gamma\,(d_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Args:
+        params: parameters or param groups (as torch.optim).
+        lr (float or 1-element Tensor, default 1e-3), momentum (default 0), dampening (default 0),
+        weight_decay (default 0), nesterov (default False), maximize (default False): as torch.optim.SGD.
+        foreach, fused: accepted for compatibility; pyco always runs its fused kernel.
+        differentiable: must be False.
+        blocks: named blocks of parameters for the statistics (a dict name -> tensors); default one block
+            per param group.
+        stats (default True): compute ``last_stats`` (Σg², Σu², Σg·u, Σθ² per block) in the update's pass.
+        nonfinite ("apply" or "skip", default "apply"): "apply" updates with whatever the gradients hold,
+            as torch.optim does (``last_stats.finite`` tells); "skip" checks first and, if any gradient is
+            inf or NaN, changes nothing and counts ``skipped_steps``.
+
+    Example::
+
+        opt = pyco.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.last_stats.grad_sq   # float64 tensor, one entry per block
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, blocks=None, stats=True,
+                 nonfinite="apply"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        self._check_group(defaults)
+        super().__init__(params, defaults, blocks=blocks, stats=stats, nonfinite=nonfinite)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_number("learning rate", group["lr"])
+        momentum = check_number("momentum value", group["momentum"])
+        dampening = check_number("dampening value", group["dampening"], low=-float("inf"))
+        check_number("weight_decay value", group["weight_decay"])
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    @staticmethod
+    def _hyper(group: dict):
+        return _C.SgdHyper(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                           dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+                           nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+
+    _kernel = staticmethod(_C.sgd_step)
+
+    def _states(self, p: torch.Tensor, group: dict):
+        if group["momentum"] == 0:
+            return (), None, 0
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            # The kernel sets a fresh buffer to d, as torch does with grad.clone() on the first step.
+            state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return (buf,), None, _C.FLAG_FRESH_MOMENTUM
+        return (buf,), None, 0
+
+    @staticmethod
+    def _check_state_entry(where: str, p: torch.Tensor, entry: dict, group: dict) -> None:
+        buf = entry.get("momentum_buffer")
+        if buf is not None:
+            check_state_tensor(where, "momentum_buffer", p, buf)
