@@ -84,6 +84,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("table"), py::kw_only(), py::arg("num_threads") = 1,
       "True when every gradient in the table is finite.");
 
+  m.def(
+      "block_dot",
+      [](uintptr_t rows, uintptr_t delta, int32_t dtype, int64_t num_rows, uintptr_t offsets, int64_t num_blocks,
+         uintptr_t out, int num_threads) {
+        py::gil_scoped_release release;
+        cpu::block_dot(reinterpret_cast<const void*>(rows), reinterpret_cast<const void*>(delta), dtype, num_rows,
+                       reinterpret_cast<const int64_t*>(offsets), num_blocks, reinterpret_cast<double*>(out),
+                       std::max(1, num_threads));
+      },
+      py::arg("rows"), py::arg("delta"), py::arg("dtype"), py::arg("num_rows"), py::arg("offsets"),
+      py::arg("num_blocks"), py::arg("out"), py::kw_only(), py::arg("num_threads") = 1,
+      "Segmented dot products out[j, i] = sum over block i of delta * rows[j] (addresses of contiguous buffers: "
+      "rows [num_rows, N], delta [N], int64 offsets [num_blocks + 1], float64 out [num_rows, num_blocks]).");
+
   m.attr("RECORD_FIELDS") = kRecordFields;
   m.attr("FLAG_FRESH_MOMENTUM") = kFlagFreshMomentum;
   m.attr("CHUNK_ELEMS") = cpu::kChunkElems;

@@ -21,6 +21,13 @@ void adam_step(const TensorRecord* recs, int64_t n, const AdamHyper* hypers, int
 // True when every gradient of the table is finite (no inf, no NaN).
 bool grads_all_finite(const TensorRecord* recs, int64_t n, int num_threads);
 
+// The probe's segmented dot products (pyco/probe): for j < num_rows and i < num_blocks,
+//   out[j·num_blocks + i] = Σ_{n in [offsets[i], offsets[i+1])} delta[n] · rows[j·N + n],  N = offsets[num_blocks].
+// rows is [num_rows, N] and delta [N], both float32 or float64 (dtype); products and sums in float64 over
+// fixed chunks added in a fixed order, so the result is bitwise the same for any thread count.
+void block_dot(const void* rows, const void* delta, int32_t dtype, int64_t num_rows, const int64_t* offsets,
+               int64_t num_blocks, double* out, int num_threads);
+
 // The instruction set the kernels above run with on this processor ("avx2" or "baseline").
 const char* kernel_isa();
 

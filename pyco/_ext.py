@@ -24,6 +24,7 @@ def info() -> dict:
         "pyco": __version__,
         "torch": torch.__version__,
         "cpu_kernels": True,
+        "cpu_isa": _C.KERNEL_ISA,
         "cuda_kernels": False,
         "cuda_compiler_at_build": getattr(_C, "CUDA_COMPILER", "") or None,
         "compiler": getattr(_C, "COMPILER", "unknown"),

@@ -38,19 +38,20 @@ class Table:
         self.keep: list[torch.Tensor] = []  # views and copies that must outlive the launch
 
     def add(self, param, grad, states, *, step=None, group=0, block=0, flags=0) -> None:
-        """states: up to three tensors shaped like param (None for unused slots)."""
-        if param.is_complex() or not (
-            param.is_contiguous() and grad.is_contiguous() and all(t is None or t.is_contiguous() for t in states)
-        ):
-            param, grad, states = self._flat_views(param, grad, states)
-        ptrs = [0 if t is None else t.data_ptr() for t in states]
-        ptrs += [0] * (3 - len(ptrs))
-        if step is None:
-            step_ptr, step_code = 0, 0
-        else:
-            step_ptr, step_code = step.data_ptr(), DTYPE_CODES[step.dtype]
-        codes = DTYPE_CODES[param.dtype] | (step_code << 8) | (flags << 16)
-        self.records.extend((param.data_ptr(), grad.data_ptr(), *ptrs, step_ptr, param.numel(), codes, group, block))
+        """states: a tuple of up to three tensors shaped like param (None for unused slots)."""
+        s0, s1, s2 = states + (None,) * (3 - len(states))
+        if (param.is_complex() or not param.is_contiguous() or not grad.is_contiguous()
+                or (s0 is not None and not s0.is_contiguous()) or (s1 is not None and not s1.is_contiguous())
+                or (s2 is not None and not s2.is_contiguous())):
+            param, grad, (s0, s1, s2) = self._flat_views(param, grad, (s0, s1, s2))
+        codes = DTYPE_CODES[param.dtype] | (flags << 16)
+        if step is not None:
+            codes |= DTYPE_CODES[step.dtype] << 8
+        self.records.extend((
+            param.data_ptr(), grad.data_ptr(),
+            0 if s0 is None else s0.data_ptr(), 0 if s1 is None else s1.data_ptr(), 0 if s2 is None else s2.data_ptr(),
+            0 if step is None else step.data_ptr(), param.numel(), codes, group, block,
+        ))
 
     def _flat_views(self, param, grad, states):
         """Complex tensors as real pairs; layouts the kernel cannot read as one flat array as copies."""

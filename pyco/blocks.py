@@ -1,16 +1,171 @@
-"""Partitions of an optimizer's parameters into named blocks (the unit of pyco's statistics)."""
+"""Named partitions of parameters into blocks: the unit of pyco's statistics, orders and probe.
+
+    blocks = pyco.blocks.by_module(model)     # one block per module that owns parameters directly
+    blocks = pyco.blocks.by_param(model)      # one block per parameter
+    blocks = pyco.blocks.by_group(optimizer)  # one block per param group
+    blocks = pyco.blocks.by_names(model, {"body": ["0.*", "2.*"], "head": ["4.*"]})
+
+A :class:`Blocks` is an ordered mapping ``name -> tuple of parameters``; every parameter is in at most one
+block (``check_covers`` verifies that a set of parameters is covered exactly once).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-
-BlockSpec = Mapping[str, Iterable[torch.Tensor]] | Sequence[tuple[str, Iterable[torch.Tensor]]]
+from torch import nn
 
 
 def describe_param(group_index: int, param_index: int, p: torch.Tensor) -> str:
     return f"param {param_index} of group {group_index} (shape {list(p.shape)}, {p.dtype})"
+
+
+class Blocks(Mapping):
+    """An ordered, named partition of parameters. ``blocks[name]`` is a tuple of tensors.
+
+    ``module`` is the model the blocks were built from (by :func:`by_module`, :func:`by_param`,
+    :func:`by_names`; None otherwise): the orders use it to find the buffers a forward pass changes."""
+
+    def __init__(self, items: Iterable[tuple[str, Iterable[torch.Tensor]]],
+                 param_names: Mapping[int, str] | None = None, module: nn.Module | None = None):
+        self.module = module
+        self._names: list[str] = []
+        self._params: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._owner: dict[int, int] = {}
+        self._param_names = dict(param_names or {})
+        for bi, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+                raise TypeError(f"blocks must map names (str) to tensors; entry {bi} is {item!r:.60}")
+            name, tensors = item
+            if name in self._params:
+                raise ValueError(f"block name {name!r} appears twice")
+            tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+            for p in tensors:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"block {name!r} holds a {type(p).__name__}, expected tensors (parameters)")
+                if id(p) in self._owner:
+                    other = self._names[self._owner[id(p)]]
+                    raise ValueError(f"blocks {other!r} and {name!r} overlap: both hold {self.describe(p)}")
+                self._owner[id(p)] = len(self._names)
+            self._names.append(name)
+            self._params[name] = tensors
+
+    @classmethod
+    def of(cls, spec: "Blocks | Mapping | Sequence") -> "Blocks":
+        """A Blocks from a Blocks, a dict name -> tensors, or a list of (name, tensors) pairs."""
+        if isinstance(spec, Blocks):
+            return spec
+        return cls(list(spec.items()) if isinstance(spec, Mapping) else list(spec))
+
+    # Mapping interface
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, ...]:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise KeyError(f"no block named {name!r}; blocks are {self._names}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}: {sum(p.numel() for p in ps)}" for n, ps in self._params.items())
+        return f"Blocks({sizes})"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    def params(self) -> list[torch.Tensor]:
+        """Every parameter, block by block."""
+        return [p for n in self._names for p in self._params[n]]
+
+    def index(self, p: torch.Tensor) -> int:
+        """Index of the block holding p (KeyError if none does)."""
+        try:
+            return self._owner[id(p)]
+        except KeyError:
+            raise KeyError(f"{self.describe(p)} is in no block") from None
+
+    def describe(self, p: torch.Tensor) -> str:
+        name = self._param_names.get(id(p))
+        return f"param {name}" if name else f"a parameter of shape {list(p.shape)}"
+
+    def numel(self) -> list[int]:
+        return [sum(p.numel() for p in self._params[n]) for n in self._names]
+
+    def check_covers(self, params: Iterable[torch.Tensor], *, what: str = "the optimizer") -> None:
+        """Raises unless every tensor in ``params`` is in exactly one block and every block's tensors are
+        among ``params``."""
+        params = list(params)
+        known = {id(p) for p in params}
+        for name in self._names:
+            for p in self._params[name]:
+                if id(p) not in known:
+                    raise ValueError(
+                        f"block {name!r} holds {self.describe(p)}, which is not a parameter of {what}; build the "
+                        f"blocks from the same parameters {what} was given"
+                    )
+        missing = [p for p in params if id(p) not in self._owner]
+        if missing:
+            names = ", ".join(self.describe(p) for p in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"{names}{more} of {what} in no block: every parameter needs exactly one block")
+
+
+def _trainable(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def by_module(model: nn.Module) -> Blocks:
+    """One block per module that directly owns trainable parameters, in registration order, named by the
+    module's path (``"0"``, ``"encoder.layer.3.attn"``; the root module is ``"(root)"``)."""
+    names = _trainable(model)
+    items = []
+    for path, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in names]
+        if own:
+            items.append((path or "(root)", own))
+    return Blocks(items, names, model)
+
+
+def by_param(model: nn.Module) -> Blocks:
+    """One block per trainable parameter, named by the parameter's path (``"0.weight"``)."""
+    names = _trainable(model)
+    return Blocks([(n, [p]) for n, p in model.named_parameters() if id(p) in names], names, model)
+
+
+def by_group(optimizer: torch.optim.Optimizer) -> Blocks:
+    """One block per param group, named by the group's ``"name"`` entry or ``group{i}``."""
+    return Blocks([(str(g.get("name", f"group{i}")), list(g["params"])) for i, g in enumerate(optimizer.param_groups)])
+
+
+def by_names(model: nn.Module, patterns: Mapping[str, Sequence[str] | str]) -> Blocks:
+    """Blocks from glob patterns over parameter names: ``{"embed": ["wte.*", "wpe.*"], "rest": ["*"]}``.
+    A parameter matching several blocks' patterns is an error, as is a trainable parameter matching none."""
+    names = _trainable(model)
+    items = []
+    owner: dict[str, str] = {}
+    for block, pats in patterns.items():
+        pats = [pats] if isinstance(pats, str) else list(pats)
+        members = []
+        for pname, p in model.named_parameters():
+            if id(p) in names and any(fnmatch.fnmatchcase(pname, pat) for pat in pats):
+                if pname in owner:
+                    raise ValueError(f"blocks {owner[pname]!r} and {block!r} overlap: both match param {pname}")
+                owner[pname] = block
+                members.append(p)
+        if not members:
+            raise ValueError(f"block {block!r}: patterns {pats} match no trainable parameter")
+        items.append((block, members))
+    unmatched = [n for n in names.values() if n not in owner]
+    if unmatched:
+        raise ValueError(f"params {unmatched[:5]} match no block's patterns: every parameter needs exactly one block")
+    return Blocks(items, names, model)
 
 
 def default_names(param_groups: Sequence[dict]) -> list[str]:
@@ -18,50 +173,14 @@ def default_names(param_groups: Sequence[dict]) -> list[str]:
     return [str(g.get("name", f"group{i}")) for i, g in enumerate(param_groups)]
 
 
-def resolve(param_groups: Sequence[dict], blocks: BlockSpec | None) -> tuple[tuple[str, ...], dict[int, int]]:
-    """Returns the block names and a map id(param) -> block index covering every parameter exactly once.
-
-    ``blocks=None`` gives one block per param group. Otherwise ``blocks`` maps names to tensors (a dict, or
-    a list of (name, tensors) pairs); every parameter of the optimizer must be in exactly one block and
-    every tensor named must be one of the optimizer's parameters.
-    """
+def resolve(param_groups: Sequence[dict], blocks) -> tuple[tuple[str, ...], dict[int, int]]:
+    """For an optimizer: block names and a map id(param) -> block index covering every parameter exactly
+    once. ``blocks=None`` gives one block per param group; otherwise anything :meth:`Blocks.of` takes."""
     if blocks is None:
         names = default_names(param_groups)
         if len(set(names)) != len(names):
             raise ValueError(f"param group names must be unique to serve as block names, got {names}")
         return tuple(names), {id(p): gi for gi, g in enumerate(param_groups) for p in g["params"]}
-
-    items = list(blocks.items()) if isinstance(blocks, Mapping) else list(blocks)
-    owners: dict[int, str] = {}
-    index: dict[int, int] = {}
-    where = {id(p): (gi, pi, p) for gi, g in enumerate(param_groups) for pi, p in enumerate(g["params"])}
-    names: list[str] = []
-    for bi, item in enumerate(items):
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"blocks must map names (str) to tensors; entry {bi} is {type(item).__name__}")
-        name, tensors = item
-        if name in names:
-            raise ValueError(f"block name {name!r} appears twice")
-        names.append(name)
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        for p in tensors:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"block {name!r} holds a {type(p).__name__}, expected tensors (parameters)")
-            if id(p) not in where:
-                raise ValueError(
-                    f"block {name!r} holds a tensor of shape {list(p.shape)} that is not a parameter of this "
-                    "optimizer; blocks must be built from the same parameters the optimizer was given"
-                )
-            if id(p) in owners:
-                gi, pi, _ = where[id(p)]
-                raise ValueError(
-                    f"blocks {owners[id(p)]!r} and {name!r} overlap: both hold {describe_param(gi, pi, p)}"
-                )
-            owners[id(p)] = name
-            index[id(p)] = bi
-    missing = [describe_param(gi, pi, p) for key, (gi, pi, p) in where.items() if key not in index]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"{', '.join(missing[:3])}{more} in no block: every parameter needs exactly one block")
-    return tuple(names), index
+    spec = Blocks.of(blocks)
+    spec.check_covers([p for g in param_groups for p in g["params"]])
+    return spec.names, {id(p): spec.index(p) for g in param_groups for p in g["params"]}

@@ -38,11 +38,7 @@ void adam_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* parti
 
   for_each_element<kStats, M>(begin, end, partial, [=](int64_t i) {
     const M p = St::load(param, i);
-    M g = St::load(grad, i);
-    if constexpr (kUnscale) {
-      g = g * inv_scale;
-      St::store(grad, i, g);
-    }
+    const M g = load_grad<kUnscale>(grad, i, inv_scale);
     M d = sign * g;
     if constexpr (kDecay == kL2) d = d + wd * p;
     M p_new = p;
@@ -53,7 +49,9 @@ void adam_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* parti
     St::store(exp_avg, i, m);
     St::store(exp_avg_sq, i, v);
     if constexpr (kAmsgrad) {
-      const M vmax = std::max(St::load(max_exp_avg_sq, i), v);
+      // torch.maximum: a NaN on either side propagates (std::max would drop a NaN v)
+      const M old = St::load(max_exp_avg_sq, i);
+      const M vmax = (v != v || old < v) ? v : old;
       St::store(max_exp_avg_sq, i, vmax);
       v = vmax;
     }

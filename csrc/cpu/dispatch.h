@@ -23,6 +23,18 @@ inline typename Storage<S>::Math as_stored(typename Storage<S>::Math x) {
   }
 }
 
+// Element i's gradient; with kUnscale (GradScaler) divided by the scale and written back unscaled, as
+// torch's fused optimizers leave .grad. Multiplying by 1/scale is exact for GradScaler's powers of two.
+template <bool kUnscale, typename S, typename M>
+inline M load_grad(S* grad, int64_t i, M inv_scale) {
+  M g = Storage<S>::load(grad, i);
+  if constexpr (kUnscale) {
+    g = g * inv_scale;
+    Storage<S>::store(grad, i, g);
+  }
+  return g;
+}
+
 template <typename M>
 struct ElemStats {
   M g, u, p;

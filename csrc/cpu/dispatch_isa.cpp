@@ -32,4 +32,12 @@ bool grads_all_finite(const TensorRecord* r, int64_t n, int threads) {
   return baseline::grads_all_finite(r, n, threads);
 }
 
+void block_dot(const void* rows, const void* delta, int32_t dtype, int64_t num_rows, const int64_t* offsets,
+               int64_t num_blocks, double* out, int threads) {
+#ifdef PYCO_HAVE_AVX2
+  if (kUseAvx2) return avx2::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
+#endif
+  baseline::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
+}
+
 }  // namespace pyco::cpu

@@ -16,6 +16,7 @@ namespace pyco::cpu {
   void sgd_step(const TensorRecord*, int64_t, const SgdHyper*, int64_t, const LaunchOptions&);             \
   void adam_step(const TensorRecord*, int64_t, const AdamHyper*, int64_t, const LaunchOptions&);           \
   bool grads_all_finite(const TensorRecord*, int64_t, int);                                                \
+  void block_dot(const void*, const void*, int32_t, int64_t, const int64_t*, int64_t, double*, int);         \
   }
 
 PYCO_DECLARE_KERNELS(baseline)

@@ -25,11 +25,7 @@ void sgd_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* partia
 
   for_each_element<kStats, M>(begin, end, partial, [=](int64_t i) {
     const M p = St::load(param, i);
-    M g = St::load(grad, i);
-    if constexpr (kUnscale) {
-      g = g * inv_scale;
-      St::store(grad, i, g);
-    }
+    const M g = load_grad<kUnscale>(grad, i, inv_scale);
     M d = sign * g;
     if constexpr (kWeightDecay) d = d + wd * p;
     if constexpr (kMomentum) {

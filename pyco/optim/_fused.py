@@ -61,14 +61,11 @@ class FusedOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.last_stats: BlockStats | None = None
         self.skipped_steps = 0
-        self._block_spec = None if blocks is None else self._spec_list(blocks)
+        self._block_spec = None if blocks is None else _blocks.Blocks.of(blocks)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
+        self._foreign_blocks = None  # (Blocks, parameter count, names, index) of the last step_blocks call
 
     # ---- construction -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _spec_list(blocks) -> list:
-        return list(blocks.items()) if isinstance(blocks, dict) else list(blocks)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -81,7 +78,7 @@ class FusedOptimizer(Optimizer):
             if hasattr(self, "_block_names"):  # a group added after construction: it becomes its own block
                 spec = self._block_spec
                 if spec is not None:
-                    spec = spec + [(str(group.get("name", f"group{gi}")), list(group["params"]))]
+                    spec = _blocks.Blocks([*spec.items(), (str(group.get("name", f"group{gi}")), group["params"])])
                 names, index = _blocks.resolve(self.param_groups, spec)
                 self._block_spec, self._block_names, self._block_index = spec, names, index
         except Exception:
@@ -107,18 +104,19 @@ class FusedOptimizer(Optimizer):
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def _collect(self) -> list[tuple[int, dict, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Parameters with gradients, per group, after checking every one of them. Changes nothing."""
+    def _collect(self, only: set[int] | None = None) -> list[tuple[int, dict, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Parameters with gradients (and, given ``only``, whose id is in it), per group, after checking every
+        one of them. Changes nothing."""
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             pairs = []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
-                if g is None:
+                if g is None or (only is not None and id(p) not in only):
                     continue
-                if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
-                        or p.device.type != "cpu" or g.device != p.device):
+                if (g.is_sparse or not p.is_cpu or not g.is_cpu or g.dtype != p.dtype
+                        or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape):
                     self._reject_grad(gi, pi, p, g)
                 pairs.append((p, g))
             work.append((gi, group, pairs))
@@ -137,9 +135,9 @@ class FusedOptimizer(Optimizer):
             "it must match the parameter's dtype, shape and device"
         )
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, names: tuple[str, ...] | None = None) -> None:
         self.skipped_steps += 1
-        self.last_stats = BlockStats.zeros(self._block_names, skipped=True) if self.stats else None
+        self.last_stats = BlockStats.zeros(names or self._block_names, skipped=True) if self.stats else None
         log.warning("%s: step skipped (%s); parameters and state unchanged", type(self).__name__, reason)
 
     @torch.no_grad()
@@ -153,15 +151,61 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
+        self._launch(self._collect(), self._block_names, self._block_index)
+        return loss
+
+    @torch.no_grad()
+    def step_blocks(self, blocks: _blocks.Blocks, active) -> BlockStats | None:
+        """Updates only the parameters of the ``active`` blocks of ``blocks``, in one kernel launch.
+
+        Every other parameter, its optimizer state included, is left untouched, as if its ``.grad`` were None.
+        This is how :mod:`pyco.orders` moves any subset of blocks at the cost of one launch.
+
+        Args:
+            blocks (pyco.blocks.Blocks): a partition of this optimizer's parameters, which may differ from the
+                optimizer's own ``blocks`` (an order wrapper's, for instance).
+            active (iterable of str): names of the blocks of ``blocks`` to update.
+
+        Returns the statistics of the launch, one row per block of ``blocks`` (rows of inactive blocks are
+        zero); ``last_stats`` holds the same. None when ``stats=False``.
+
+        Example::
+
+            blocks = pyco.blocks.by_module(model)
+            opt = pyco.optim.SGD(model.parameters(), lr=0.1)
+            loss.backward()
+            opt.step_blocks(blocks, ["3"])   # only module 3 moves
+        """
+        names, index = self._resolve_foreign(blocks)
+        only = set()
+        for name in active:
+            if name not in blocks:
+                raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
+            only.update(id(p) for p in blocks[name])
+        return self._launch(self._collect(only), names, index)
+
+    def _resolve_foreign(self, blocks: _blocks.Blocks) -> tuple[tuple[str, ...], dict[int, int]]:
+        """Names and param -> row map of ``blocks``, checked to cover this optimizer's parameters exactly once;
+        cached, since an order wrapper passes the same Blocks at every step."""
+        count = sum(len(group["params"]) for group in self.param_groups)
+        cached = self._foreign_blocks
+        if cached is None or cached[0] is not blocks or cached[1] != count:
+            if not isinstance(blocks, _blocks.Blocks):
+                raise TypeError(f"step_blocks: blocks must be a pyco.blocks.Blocks, got {type(blocks).__name__}")
+            names, index = _blocks.resolve(self.param_groups, blocks)
+            self._foreign_blocks = cached = (blocks, count, names, index)
+        return cached[2], cached[3]
+
+    def _launch(self, work, names: tuple[str, ...], index: dict[int, int]) -> BlockStats | None:
+        """One kernel launch over ``work`` (from ``_collect``), statistics per block of ``names``/``index``."""
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
-            self._skip("GradScaler found inf or NaN gradients")
-            return loss
+            self._skip("GradScaler found inf or NaN gradients", names)
+            return self.last_stats
         threads = torch.get_num_threads()
         if self.nonfinite == "skip" and not grads_all_finite([g for _, _, pairs in work for _, g in pairs], threads):
-            self._skip("non-finite gradients, nonfinite='skip'")
-            return loss
+            self._skip("non-finite gradients, nonfinite='skip'", names)
+            return self.last_stats
         grad_scale = getattr(self, "grad_scale", None)
         table = Table()
         hypers = []
@@ -169,19 +213,19 @@ class FusedOptimizer(Optimizer):
             hypers.append(self._hyper(group))
             for p, g in pairs:
                 states, step, flags = self._states(p, group)
-                table.add(p, g, states, step=step, group=gi, block=self._block_index[id(p)], flags=flags)
-        values = torch.zeros(len(self._block_names), 4, dtype=torch.float64) if self.stats else None
+                table.add(p, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
+        values = torch.zeros(len(names), 4, dtype=torch.float64) if self.stats else None
         self._kernel(
             table.records,
             hypers,
             grad_scale=1.0 if grad_scale is None else float(grad_scale),
             stats=0 if values is None else values.data_ptr(),
-            num_blocks=len(self._block_names),
+            num_blocks=len(names),
             num_threads=threads,
         )
         table.write_back()
-        self.last_stats = None if values is None else BlockStats(self._block_names, values)
-        return loss
+        self.last_stats = None if values is None else BlockStats(names, values)
+        return self.last_stats
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

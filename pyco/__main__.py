@@ -1,0 +1,5 @@
+import sys
+
+from pyco.cli import main
+
+sys.exit(main())

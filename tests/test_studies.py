@@ -1,0 +1,70 @@
+"""Every study end to end in a tiny configuration, through the command line: files written, documented
+keys present, numbers consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from pyco import cli, studies  # noqa: E402
+
+TINY = ["--steps", "12", "--depth", "2", "--width", "8", "--no-progress", "--seed", "3"]
+
+
+def run_study(name: str, tmp_path, extra=()) -> dict:
+    out = tmp_path / name
+    assert cli.main(["study", name, "--out", str(out), *TINY, *extra]) == 0
+    for f in ("results.json", "report.md"):
+        assert (out / f).is_file(), f"{name}: {f} missing"
+    assert list(out.glob("*.png")), f"{name}: no figure"
+    assert list(out.glob("*.csv")), f"{name}: no CSV table"
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"] == name and results["partial"] is False
+    return results
+
+
+def test_list_shows_every_study(capsys):
+    assert cli.main(["study", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == studies.names()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["study", "no-such-study"], "unknown study 'no-such-study'"),
+        (["study", "dosage", "--steps", "0"], "--steps must be >= 1"),
+        (["study", "dosage", "--lr", "-1"], "--lr values must be > 0"),
+        (["study", "dosage", "--steps", "many"], "invalid int value"),
+        (["study"], "name a study, or use --list"),
+    ],
+)
+def test_bad_options_give_one_readable_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_dosage(tmp_path):
+    r = run_study("dosage", tmp_path)
+    shares = r["digits"]["block_share"]
+    assert list(shares) == ["layer0", "layer1", "layer2"]  # depth 2: two hidden layers and the head
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-12)
+    for unit in r["digits"]["units"].values():
+        assert 0.0 <= unit["gini"] <= 1.0 and len(unit["sorted_dose"]) == 8
+    for run in r["starvation"]:
+        assert run["easy_share"] + run["hard_share"] == pytest.approx(1.0, abs=1e-12)
+    assert [run["sd_lambda"] for run in r["starvation"]][0] == 0.0
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = run_study("dosage", tmp_path / "a")
+    b = run_study("dosage", tmp_path / "b")
+    assert a["digits"]["block_share"] == b["digits"]["block_share"]
+    assert a["starvation"][1]["hard_share"] == b["starvation"][1]["hard_share"]
