@@ -68,3 +68,24 @@ def test_same_seed_same_numbers(tmp_path):
     b = run_study("dosage", tmp_path / "b")
     assert a["digits"]["block_share"] == b["digits"]["block_share"]
     assert a["starvation"][1]["hard_share"] == b["starvation"][1]["hard_share"]
+
+
+def test_feature_drift(tmp_path):
+    r = run_study("feature-drift", tmp_path, ["--lr", "0.001", "0.1"])
+    rows = r["rows"]
+    assert {row["variant"] for row in rows} == {"plain", "batchnorm", "residual"}
+    assert {row["layer"] for row in rows} == {"layer0", "layer1", "layer2"}
+    for row in rows:
+        assert -1.0 - 1e-6 <= row["grad_cosine"] <= 1.0 + 1e-6  # float32 rounding
+        if row["layer"] == "layer0":  # the data: nothing below it moves
+            assert row["feature_drift"] == 0.0 and row["grad_shift"] == 0.0
+    # the second-order prediction matches the measured gradient shift at a small step
+    small = [row for row in rows if row["lr"] == 0.001 and row["layer"] != "layer0"]
+    assert min(row["prediction_cosine"] for row in small) > 0.99
+    for row in small:
+        assert row["predicted_shift"] == pytest.approx(row["grad_shift"], rel=0.05)
+    # features move more under a larger step
+    for variant in ("plain", "batchnorm", "residual"):
+        drift = {row["lr"]: row["feature_drift"] for row in rows
+                 if row["variant"] == variant and row["layer"] == "layer2" and row["phase"] == "trained"}
+        assert drift[0.1] > drift[0.001]

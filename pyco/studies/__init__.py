@@ -11,6 +11,7 @@ import importlib
 
 # name -> module, in the order the seeds ask their questions
 _MODULES = {
+    "feature-drift": "pyco.studies.feature_drift",
     "dosage": "pyco.studies.dosage",
 }
 
