@@ -7,7 +7,10 @@ every step (``pyco.optim``).
 __version__ = "0.1.0"
 
 from pyco._ext import info
-from pyco import optim
+from pyco import blocks, optim, orders
+from pyco import probe
+from pyco.orders import BlockCoordinate, ChainGaussSeidel, GaussSeidel
 from pyco.stats import BlockStats
 
-__all__ = ["BlockStats", "info", "optim", "__version__"]
+__all__ = ["BlockCoordinate", "BlockStats", "ChainGaussSeidel", "GaussSeidel", "blocks", "info", "optim", "orders",
+           "probe", "__version__"]

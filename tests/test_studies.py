@@ -89,3 +89,53 @@ def test_feature_drift(tmp_path):
         drift = {row["lr"]: row["feature_drift"] for row in rows
                  if row["variant"] == variant and row["layer"] == "layer2" and row["phase"] == "trained"}
         assert drift[0.1] > drift[0.001]
+
+
+def test_coadaptation(tmp_path):
+    r = run_study("coadaptation", tmp_path, ["--lr", "0.01"])
+    assert {(s["variant"], s["optimizer"]) for s in r["summary"]} == {
+        (v, o) for v in ("plain", "batchnorm", "residual") for o in ("sgd", "adam")}
+    for run in r["runs"]:
+        assert run["blocks"] == ["layer0", "layer1", "layer2"]
+        for p in run["probes"]:
+            parts = p["first_order"] + p["within"] + p["cross"] + p["remainder"]
+            assert parts == pytest.approx(p["actual"], rel=1e-9, abs=1e-12)
+            assert sum(p["alone"]) + p["nonadditivity"] == pytest.approx(p["actual"], rel=1e-9, abs=1e-12)
+            c = p["C"]
+            assert all(c[i][j] == pytest.approx(c[j][i], rel=1e-8, abs=1e-15) for i in range(3) for j in range(3))
+            if run["optimizer"] == "sgd":  # small plain steps: the second-order model explains the change
+                assert abs(p["remainder"]) <= 0.05 * abs(p["actual"]) + 1e-9
+
+
+def test_step_size(tmp_path):
+    r = run_study("step-size", tmp_path)
+    cases = {c["case"]: c for c in r["cases"]}
+    toy = cases["f=(x+y)z"]
+    # f is bilinear: ΔL(η) = -41η - 24η² exactly, all of the curvature is cross-block
+    assert toy["grad_sq"] == pytest.approx(41.0) and toy["gHg"] == pytest.approx(-48.0)
+    assert toy["cross_share_of_curvature"] == pytest.approx(1.0)
+    for row in toy["rows"]:
+        assert row["actual"] == pytest.approx(-41 * row["eta"] - 24 * row["eta"] ** 2, rel=1e-12)
+        assert row["within"] == 0.0
+    for c in r["cases"]:
+        smallest = c["rows"][0]
+        assert smallest["actual"] < 0  # a small enough step lowers the loss
+        assert abs(smallest["remainder"]) <= 1e-3 * abs(smallest["actual"])
+        assert c["blocks"] in (["x", "y", "z"], ["layer0", "layer1", "layer2"])
+
+
+def test_orders(tmp_path):
+    r = run_study("orders", tmp_path)
+    summary = {s["order"]: s for s in r["summary"]}
+    assert set(summary) == {"simultaneous", "gauss-seidel forward", "gauss-seidel backward", "block-coordinate cyclic",
+                            "block-coordinate reshuffle", "block-coordinate random-subset"}
+    steps = 12
+    assert summary["simultaneous"]["evaluations"] == steps  # one gradient evaluation per step
+    assert summary["gauss-seidel forward"]["evaluations"] == 3 * steps  # k = 3 blocks: one per block
+    assert summary["block-coordinate cyclic"]["evaluations"] == steps
+    # at the smallest learning rate the probe's second-order prediction matches real sweeps
+    smallest = min(g["lr"] for g in r["gaps"])
+    for g in r["gaps"]:
+        if g["lr"] == smallest and abs(g["predicted_gap"]) > 1e-12:
+            for sweep in ("forward", "backward"):
+                assert g[f"measured_gap_{sweep}"] == pytest.approx(g["predicted_gap"], rel=0.05)

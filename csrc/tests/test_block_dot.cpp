@@ -112,8 +112,9 @@ void test_closed_form() {
     for (int64_t e = 0; e < off.back(); ++e) rows[j * off.back() + e] = static_cast<float>(j + 1);
   const auto out = run(rows, delta, rows_n, off, 3);
   bool ok = true;
+  const int64_t k = static_cast<int64_t>(sizes.size());
   for (int64_t j = 0; j < rows_n; ++j)
-    for (size_t i = 0; i < sizes.size(); ++i) ok &= out[j * sizes.size() + i] == static_cast<double>((j + 1) * sizes[i]);
+    for (int64_t i = 0; i < k; ++i) ok &= out[j * k + i] == static_cast<double>((j + 1) * sizes[i]);
   report("f32: rows of constants give (j+1)*size exactly", ok);
 }
 

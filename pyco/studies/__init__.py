@@ -11,6 +11,9 @@ import importlib
 
 # name -> module, in the order the seeds ask their questions
 _MODULES = {
+    "coadaptation": "pyco.studies.coadaptation",
+    "orders": "pyco.studies.orders",
+    "step-size": "pyco.studies.step_size",
     "feature-drift": "pyco.studies.feature_drift",
     "dosage": "pyco.studies.dosage",
 }

@@ -1,0 +1,16 @@
+"""Update orders around any torch optimizer: exact Gauss–Seidel sweeps and block-coordinate steps.
+
+    opt = pyco.GaussSeidel(inner, pyco.blocks.by_module(model), sweep="backward")    # step(closure)
+    opt = pyco.ChainGaussSeidel(inner, sequential_model, loss_fn)                   # step(input, target)
+    opt = pyco.BlockCoordinate(inner, pyco.blocks.by_module(model), schedule="cyclic", every=10)
+
+Each wrapper behaves as the inner optimizer (param groups, state, lr schedulers, state_dict with the order's
+own state added) and moves only whole blocks; see DESIGN §2 for the semantics they implement exactly.
+"""
+
+from pyco.orders.block_coordinate import STATE_POLICIES, BlockCoordinate
+from pyco.orders.chain import ChainGaussSeidel
+from pyco.orders.gauss_seidel import SWEEPS, GaussSeidel
+from pyco.orders.schedules import SCHEDULES
+
+__all__ = ["BlockCoordinate", "ChainGaussSeidel", "GaussSeidel", "SCHEDULES", "STATE_POLICIES", "SWEEPS"]

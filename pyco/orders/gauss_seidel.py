@@ -1,0 +1,182 @@
+"""Exact Gauss–Seidel (layer-sequential) steps around any optimizer: blocks move one at a time, each from
+its gradient recomputed on the same batch at the parameters the blocks before it left."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from pyco.orders._replay import BufferReplay, RandomState
+from pyco.orders._wrapper import OrderWrapper, evaluate
+from pyco.stats import BlockStats
+
+SWEEPS = ("backward", "forward", "random")
+
+
+class GaussSeidel(OrderWrapper):
+    r"""Gauss–Seidel sweeps over blocks of parameters, wrapping any ``torch.optim.Optimizer``.
+
+    One step visits the blocks in a sweep order π(1), …, π(k). Block π(j) is updated from its gradient at
+    the parameters already updated by the blocks before it in the sweep, on the same batch:
+
+    .. math::
+        g_{\pi(j)} = \nabla_{\theta_{\pi(j)}} L(\theta'_{\pi(1)}, \dots, \theta'_{\pi(j-1)},
+                     \theta_{\pi(j)}, \dots, \theta_{\pi(k)}), \qquad
+        \theta'_{\pi(j)} = \theta_{\pi(j)} + U_{\pi(j)}(g_{\pi(j)})
+
+    where U is the inner optimizer's rule (its learning rate, momentum, Adam moments...). With k = 1 this is
+    the inner optimizer's own step. "Same batch" is exact (DESIGN §2):
+
+    - the closure is evaluated once per block; before every evaluation after the first the random-number
+      state (CPU and, where initialized, CUDA) is replayed, so dropout draws the same masks; afterwards the
+      generators are left as one plain evaluation would have left them;
+    - the buffers of ``model`` (batch norm's running statistics) are replayed too: every recomputation
+      starts from their values before the step (one copy of the buffers each), and afterwards they are as
+      the first evaluation left them, so running statistics advance once per step;
+    - each block's optimizer state advances exactly once per step: the inner optimizer steps once per block,
+      with only that block's parameters holding a gradient (pyco's optimizers: one launch for the block).
+
+    The step returns the loss of the first evaluation (at the parameters before the step). Afterwards each
+    parameter's ``.grad`` is the gradient its block was updated with. The wrapper clears the gradients before
+    every evaluation, so the closure need not call ``zero_grad`` (it may). The generic path costs k full
+    evaluations; for ``nn.Sequential`` models :class:`pyco.orders.ChainGaussSeidel` recomputes only what
+    changed.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (pyco's or torch's); its param groups, state, lr schedulers
+            and ``state_dict`` are reached through the wrapper.
+        blocks: a :class:`pyco.blocks.Blocks` (``by_module(model)``...), a dict name -> tensors, or None for one
+            block per param group. Must cover the optimizer's parameters exactly once.
+        sweep (default "backward"): "backward" (last block first), "forward" (blocks in their order),
+            "random" (a fresh permutation every step, from the wrapper's seeded generator), or a list naming
+            every block once.
+        model: the module whose buffers are replayed; default ``blocks.module`` (set by ``by_module``,
+            ``by_param`` and ``by_names``). None (blocks from a dict or ``by_group``) replays no buffers.
+        seed (default 0): seeds the generator of the "random" sweep (saved in ``state_dict``).
+
+    Example::
+
+        opt = pyco.GaussSeidel(torch.optim.SGD(model.parameters(), lr=0.1), pyco.blocks.by_module(model))
+
+        def closure():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+    """
+
+    def __init__(self, optimizer: Optimizer, blocks=None, sweep: str | Sequence[str] = "backward", *,
+                 model: nn.Module | None = None, seed: int = 0):
+        super().__init__(optimizer, blocks)
+        self.sweep = _check_sweep(sweep, self.blocks.names)
+        self.model = model if model is not None else self.blocks.module
+        self._buffers = BufferReplay([] if self.model is None else [self.model])
+        self._generator = torch.Generator().manual_seed(int(seed))
+
+    def sweep_order(self) -> list[str]:
+        """The block names in the order the next step visits them (draws the next "random" permutation)."""
+        return [self.blocks.names[b] for b in self._next_sweep()]
+
+    def _next_sweep(self) -> list[int]:
+        k = len(self.blocks)
+        if self.sweep == "forward":
+            return list(range(k))
+        if self.sweep == "backward":
+            return list(range(k - 1, -1, -1))
+        if self.sweep == "random":
+            return torch.randperm(k, generator=self._generator).tolist()
+        return [self.blocks.names.index(name) for name in self.sweep]
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One sweep: k evaluations of ``closure`` and k block updates. Returns the first evaluation's loss.
+
+        Args:
+            closure: computes the loss on the batch, calls ``backward()`` and returns the loss (required).
+        """
+        if closure is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step needs a closure: each block's gradient is recomputed on the same "
+                "batch after the blocks before it moved. Pass one, e.g. "
+                "def closure(): loss = loss_fn(model(x), y); loss.backward(); return loss; opt.step(closure)"
+            )
+        order = self._next_sweep()
+        before = RandomState()
+        after = None
+        used: dict[int, list] = {}
+        rows: dict[int, BlockStats | None] = {}
+        self._buffers.begin()
+        try:
+            for j, b in enumerate(order):
+                if j > 0:  # the same batch: same random draws, same buffers as the first evaluation saw
+                    before.restore()
+                    self._buffers.replay()
+                self.optimizer.zero_grad(set_to_none=True)
+                value = evaluate(closure, f"{type(self).__name__}.step (block {self.blocks.names[b]!r})")
+                if j == 0:
+                    loss, after = value, RandomState()
+                    self._buffers.first_done()
+                used[b] = [p.grad for p in self._block_params(b)]
+                rows[b] = self._step_blocks([b])
+        finally:
+            if after is not None:
+                after.restore()
+            self._buffers.finish()
+        self._restore_used_grads(used)
+        self.last_stats = combine_stats(self.blocks.names, rows)
+        self.steps += 1
+        return loss
+
+    def _restore_used_grads(self, used: dict[int, list]) -> None:
+        """Leaves on every parameter the gradient its block's update used (the later evaluations replaced it)."""
+        for b, grads in used.items():
+            for p, g in zip(self._block_params(b), grads):
+                p.grad = g
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+
+    def _order_state(self) -> dict:
+        sweep = self.sweep if isinstance(self.sweep, str) else list(self.sweep)
+        return {"sweep": sweep, "generator": self._generator.get_state()}
+
+    def _check_order_state(self, own: dict) -> None:
+        check_generator_state(own.get("generator"), type(self).__name__)
+
+    def _load_order_state(self, own: dict) -> None:
+        self._generator.set_state(own["generator"])
+
+
+def _check_sweep(sweep, names: tuple[str, ...]) -> str | tuple[str, ...]:
+    if isinstance(sweep, str):
+        if sweep not in SWEEPS:
+            raise ValueError(f"Invalid sweep: {sweep!r} (expected one of {SWEEPS} or a list naming every block once)")
+        return sweep
+    order = tuple(sweep)
+    unknown = [n for n in order if n not in names]
+    repeated = sorted({n for n in order if order.count(n) > 1})
+    missing = [n for n in names if n not in order]
+    if unknown or repeated or missing:
+        raise ValueError(
+            f"Invalid sweep {list(order)}: it must name every block exactly once (blocks are {list(names)}); "
+            f"unknown {unknown}, repeated {repeated}, missing {missing}"
+        )
+    return order
+
+
+def combine_stats(names: tuple[str, ...], rows: dict[int, BlockStats | None]) -> BlockStats | None:
+    """One BlockStats for a step made of several launches (each launch fills its own blocks' rows)."""
+    if not rows or any(r is None for r in rows.values()):
+        return None
+    values, skipped = 0, False
+    for r in rows.values():
+        values, skipped = values + r.values, skipped | r.skipped  # device tensors stay there: no host sync
+    return BlockStats(names, values, skipped)
+
+
+def check_generator_state(state, who: str) -> None:
+    if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+        raise ValueError(f"{who}.load_state_dict: 'generator' must be the uint8 tensor of "
+                         f"torch.Generator.get_state(), got {type(state).__name__}")

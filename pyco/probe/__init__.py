@@ -1,0 +1,16 @@
+"""The exact probe: split a step's loss change into first-order, within-block, cross-block (co-adaptation)
+and higher-order parts, from exact Hessian-vector products (DESIGN §1).
+
+    report = pyco.probe.cross_terms(loss_fn, blocks, update)   # a given step Δ
+    report = pyco.probe.record(optimizer, closure, blocks)     # the step an optimizer takes
+    print(report.table()); report.plot("step.png"); report.to_dict()
+
+``pyco.probe.reference`` holds the dense (full-Hessian) twin used by the tests.
+"""
+
+from pyco.probe import reference
+from pyco.probe.cross_terms import block_dot, cross_terms
+from pyco.probe.record import record
+from pyco.probe.report import CrossTerms
+
+__all__ = ["CrossTerms", "block_dot", "cross_terms", "record", "reference"]
