@@ -6,10 +6,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "thread_pool.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define PYCO_IVDEP _Pragma("GCC ivdep")
@@ -101,23 +102,13 @@ inline std::vector<Chunk> make_chunks(const TensorRecord* recs, int64_t n) {
   return chunks;
 }
 
-// Calls work(c) for every index c in [0, count) on up to num_threads threads (the caller's included).
+// Calls work(c) for every index c in [0, count) on up to num_threads threads (the caller's included),
+// through the persistent pool of thread_pool.cpp.
 template <typename Work>
 void parallel_over(int64_t count, int num_threads, Work&& work) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, count)));
-  if (threads == 1) {
-    for (int64_t c = 0; c < count; ++c) work(c);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  auto loop = [&] {
-    for (int64_t c = next.fetch_add(1); c < count; c = next.fetch_add(1)) work(c);
-  };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool.emplace_back(loop);
-  loop();
-  for (auto& t : pool) t.join();
+  using W = std::remove_reference_t<Work>;
+  run_parallel(count, num_threads, [](void* ctx, int64_t c) { (*static_cast<W*>(ctx))(c); },
+               const_cast<void*>(static_cast<const void*>(&work)));
 }
 
 // Checks a table before a launch: every address present, sizes non-negative, codes and indices in range.
