@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import pyco
+from bench_common import cpu_name
 
 TARGET_FROM_K = 8
 TARGETS = {"chain_vs_naive": 0.6, "top_vs_simultaneous": 0.6}
@@ -137,7 +138,7 @@ def run(args) -> dict:
     result = {
         "benchmark": "orders",
         "device": args.device if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyco": pyco.info(),
@@ -162,17 +163,6 @@ def check_targets(chains: list[dict]) -> dict:
         out[key] = {"limit": limit, "from_k": TARGET_FROM_K, "worst": worst,
                     "met": None if worst is None else worst <= limit}
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:

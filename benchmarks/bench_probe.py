@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyco
+from bench_common import cpu_name
 from pyco.probe import block_dot
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def run(args) -> dict:
     result = {
         "benchmark": "probe",
         "device": f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": _cpu_name(),
+        "device_name": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyco": pyco.info(),
@@ -247,17 +248,6 @@ def _curvlinops_version() -> str:
     from importlib.metadata import version
 
     return version("curvlinops-for-pytorch")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(result: dict) -> str:

@@ -100,6 +100,7 @@ def _bench(args) -> int:
         print(f"pyco: error: {script} not found; the benchmarks run from a source checkout", file=sys.stderr)
         return 2
     sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))  # as `python benchmarks/bench_x.py` would: bench_common imports
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
