@@ -1,21 +1,27 @@
 """Times one optimizer step of pyco against torch.optim's implementations, side by side in one run.
 
-Subjects: SGD with momentum and Adam over the parameter shapes of a 12-layer transformer (float32),
-for torch's for-loop, foreach=True and fused=True implementations, pyco with and without per-block
-statistics, and torch fused followed by the extra passes that give the same statistics. The machine's
+Subjects: SGD with momentum and Adam over float32 parameters, for torch's for-loop, foreach=True and
+fused=True implementations, pyco with and without per-block statistics (its CPU or CUDA kernels, following
+the device), and torch fused followed by the extra passes that give the same statistics. Shapes: those of
+a GPT-style transformer (``--size`` sets the total, in realistic layer shapes), or many small tensors
+(``--shapes small``: 2,000 tensors of 4K elements, where launch and host overheads dominate). The machine's
 bandwidth is measured in the same run (in-place ``a += b`` on arrays far larger than the caches,
-12 bytes/element on a CPU; a device-to-device copy on a GPU). Rounds interleave the subjects so that
-drift hits them alike; medians are reported.
+12 bytes/element on a CPU; a large device-to-device copy on a GPU, bytes read + written). Rounds interleave
+the subjects so that drift hits them alike (unless their optimizer states would not fit in GPU memory
+together: then one subject after another); medians are reported.
 
     python benchmarks/bench_update.py                 # ~42M elements, table on stdout
     python benchmarks/bench_update.py --quick         # ~10M elements
     python benchmarks/bench_update.py --out benchmarks/results/cpu.json
+    python benchmarks/bench_update.py --device cuda --size 1e9 --out benchmarks/results/cuda-1e9.json
+    python benchmarks/bench_update.py --device cuda --shapes small --out benchmarks/results/cuda-small.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -35,6 +41,25 @@ def transformer_shapes(layers: int, d: int, vocab: int) -> list[tuple[int, ...]]
         shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
     shapes += [(d,), (d,)]
     return shapes
+
+
+def transformer_shapes_for(size: float) -> list[tuple[int, ...]]:
+    """Transformer shapes of about ``size`` elements: the widest d_model with at least 12 layers, vocab 50257."""
+    vocab = 50257
+    for d in (8192, 4096, 2048, 1024, 512, 256, 128):
+        per_layer = 12 * d * d + 13 * d
+        layers = round((size - (vocab + 1024 + 2) * d) / per_layer)
+        if layers >= 12 or d == 128:
+            return transformer_shapes(max(1, layers), d, vocab)
+    raise AssertionError("unreachable")
+
+
+def shapes_for(args) -> list[tuple[int, ...]]:
+    if args.shapes == "small":
+        return [(args.tensor_numel,)] * args.tensors
+    if args.size is not None:
+        return transformer_shapes_for(args.size)
+    return transformer_shapes(12, 256 if args.quick else 512, 8192)
 
 
 def make_params(shapes, device, seed=0):
@@ -86,10 +111,38 @@ def subjects(rule: str, device):
         "torch fused": lambda ps: t(ps, fused=True, **kw),
         "torch fused + stats passes": lambda ps: TorchWithStats(t(ps, fused=True, **kw)),
     }
-    if device.type == "cpu":  # pyco's CUDA kernels are a separate piece of work
+    if device.type == "cpu" or pyco.info()["cuda_kernels"]:
         out["pyco"] = lambda ps: p(ps, stats=False, **kw)
         out["pyco + stats"] = lambda ps: p(ps, stats=True, **kw)
     return out
+
+
+STATE_BUFFERS = {"adam": 2, "sgd": 1}  # optimizer state tensors per parameter (float32, like it)
+
+
+def fits_together(device, numel: int, rule: str, count: int) -> bool:
+    """Whether every subject's state fits in GPU memory at once, with the parameters and gradients and room for
+    six full-size temporaries (torch's foreach intermediates, the stats passes' copies)."""
+    if device.type != "cuda":
+        return True
+    need = 4 * numel * (2 + 6 + STATE_BUFFERS[rule] * count)
+    return need < 0.8 * torch.cuda.get_device_properties(device).total_memory
+
+
+def time_steps(opts: dict, device, repeats: int) -> dict[str, list[float]]:
+    """Per subject, the wall time of each of `repeats` steps, in interleaved rounds (after a warm-up step
+    each: state creation, first touch of memory, plan upload)."""
+    times = {name: [] for name in opts}
+    for opt in opts.values():
+        opt.step()
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def bandwidth_gbps(device, elements: int, repeats: int) -> float:
@@ -111,9 +164,8 @@ def bandwidth_gbps(device, elements: int, repeats: int) -> float:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    d = 256 if args.quick else 512
-    shapes = transformer_shapes(12, d, 8192)
-    numel = sum(int(torch.Size(s).numel()) for s in shapes)
+    shapes = shapes_for(args)
+    numel = sum(math.prod(s) for s in shapes)
     result = {
         "benchmark": "update",
         "device": args.device if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
@@ -121,26 +173,28 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyco": pyco.info(),
+        "shapes": args.shapes,
         "tensors": len(shapes),
         "elements": numel,
         "repeats": args.repeats,
         "rules": {},
     }
-    bw_elems = max(4 * numel, 1 << 26)
+    # Far larger than the caches (a GPU's L2 is up to ~100 MB): 2^26 elements at least, 2^28 on a GPU.
+    bw_elems = min(max(4 * numel, 1 << (28 if device.type == "cuda" else 26)), 1 << 30)
     result["bandwidth_GBps"] = bandwidth_gbps(device, bw_elems, args.repeats)
     for rule in args.rules:
         params = make_params(shapes, device)
-        opts = {name: make(params) for name, make in subjects(rule, device).items()}
-        times = {name: [] for name in opts}
-        for name, opt in opts.items():  # warm-up: state creation, first-touch of memory
-            opt.step()
-        for _ in range(args.repeats):
-            for name, opt in opts.items():
-                sync(device)
-                t0 = time.perf_counter()
-                opt.step()
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
+        makers = subjects(rule, device)
+        interleave = fits_together(device, numel, rule, len(makers))
+        result.setdefault("interleaved", {})[rule] = interleave
+        if interleave:
+            times = time_steps({name: make(params) for name, make in makers.items()}, device, args.repeats)
+        else:  # one subject at a time, its state freed before the next
+            times = {}
+            for name, make in makers.items():
+                times.update(time_steps({name: make(params)}, device, args.repeats))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         rows = {}
         bytes_per = BYTES_PER_ELEMENT[rule]
         for name, ts in times.items():
@@ -161,7 +215,9 @@ def run(args) -> dict:
             rows["pyco + stats"]["speedup_vs_torch_fused_plus_stats"] = (
                 rows["torch fused + stats passes"]["median_ms"] / rows["pyco + stats"]["median_ms"])
         result["rules"][rule] = rows
-        del opts, params
+        del params, times
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
@@ -179,7 +235,7 @@ def _cpu_name() -> str:
 def table(result: dict) -> str:
     lines = [
         f"{result['device_name']} | {result['threads']} threads | torch {result['torch']} | "
-        f"{result['tensors']} tensors, {result['elements'] / 1e6:.1f}M float32 elements | "
+        f"{result['tensors']} tensors ({result['shapes']}), {result['elements'] / 1e6:.1f}M float32 elements | "
         f"bandwidth {result['bandwidth_GBps']:.1f} GB/s | median of {result['repeats']}",
     ]
     for rule, rows in result["rules"].items():
@@ -200,6 +256,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", nargs="+", default=["adam", "sgd"], choices=["adam", "sgd"])
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per implementation (default 15)")
     parser.add_argument("--quick", action="store_true", help="d_model 256 (~10M elements) instead of 512 (~42M)")
+    parser.add_argument("--size", type=float, help="total elements in transformer shapes, e.g. 1e9 (default: "
+                                                   "12 layers of d_model 512, or 256 with --quick)")
+    parser.add_argument("--shapes", choices=["transformer", "small"], default="transformer",
+                        help="transformer layers, or many small tensors (--tensors of --tensor-numel elements)")
+    parser.add_argument("--tensors", type=int, default=2000, help="--shapes small: how many (default 2000)")
+    parser.add_argument("--tensor-numel", type=int, default=4096, help="--shapes small: elements each (default 4096)")
     parser.add_argument("--out", help="write the results as JSON to this path")
 
 

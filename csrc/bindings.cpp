@@ -109,6 +109,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("COMPILER") = PYCO_COMPILER_ID;
 #endif
 #ifdef PYCO_CUDA_COMPILER
-  m.attr("CUDA_COMPILER") = PYCO_CUDA_COMPILER;  // found at build time ("" if none); no CUDA kernels yet
+  m.attr("CUDA_COMPILER") = PYCO_CUDA_COMPILER;  // found at build time ("" if none); kernels: pyco._C_cuda
 #endif
 }

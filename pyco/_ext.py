@@ -1,4 +1,6 @@
-"""Loads the compiled kernels. The CPU module is always built; its absence means a broken install."""
+"""Loads the compiled kernels. The CPU module is always built; its absence means a broken install. The CUDA
+module (pyco._C_cuda) exists when pyco was built with a CUDA compiler; it links the CUDA runtime statically,
+so importing it needs no GPU and no driver. A missing CUDA build fails when it is used, with the fix."""
 
 from __future__ import annotations
 
@@ -11,7 +13,30 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`cmake -S . -B build && cmake --build build` and put the source tree on PYTHONPATH."
     ) from exc
 
-__all__ = ["_C", "info"]
+try:
+    from pyco import _C_cuda
+    _CUDA_MISSING = None
+except Exception as exc:  # noqa: BLE001 - whatever goes wrong, `import pyco` must work without CUDA
+    _C_cuda = None
+    _CUDA_MISSING = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["_C", "cuda_kernels", "has_cuda_kernels", "info"]
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build of pyco has its CUDA kernels (pyco._C_cuda)."""
+    return _C_cuda is not None
+
+
+def cuda_kernels():
+    """The CUDA kernels' module; raises a RuntimeError that says how to get it when this build has none."""
+    if _C_cuda is None:
+        raise RuntimeError(
+            "this build of pyco has no CUDA kernels (pyco._C_cuda: "
+            f"{_CUDA_MISSING}); rebuild it where nvcc is found: `PYCO_CUDA=ON pip install .` "
+            "(set CUDACXX=/path/to/nvcc if it is not on PATH), or use torch.optim for CUDA tensors"
+        )
+    return _C_cuda
 
 
 def info() -> dict:
@@ -25,7 +50,10 @@ def info() -> dict:
         "torch": torch.__version__,
         "cpu_kernels": True,
         "cpu_isa": _C.KERNEL_ISA,
-        "cuda_kernels": False,
+        "cuda_kernels": _C_cuda is not None,
+        "cuda_architectures": getattr(_C_cuda, "ARCHITECTURES", None),
+        "cuda_version_at_build": getattr(_C_cuda, "CUDA_VERSION", None),
+        "cuda_devices": torch.cuda.device_count(),  # torch's count: does not initialize CUDA in this process
         "cuda_compiler_at_build": getattr(_C, "CUDA_COMPILER", "") or None,
         "compiler": getattr(_C, "COMPILER", "unknown"),
         "chunk_elems": _C.CHUNK_ELEMS,

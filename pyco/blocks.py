@@ -30,6 +30,9 @@ class Blocks(Mapping):
 
     def __init__(self, items: Iterable[tuple[str, Iterable[torch.Tensor]]],
                  param_names: Mapping[int, str] | None = None, module: nn.Module | None = None):
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise TypeError(f"Blocks takes a list of (name, parameters) pairs, got {type(items).__name__}; for a dict "
+                            f"name -> parameters use Blocks.of(...)")
         self.module = module
         self._names: list[str] = []
         self._params: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -52,12 +55,25 @@ class Blocks(Mapping):
             self._names.append(name)
             self._params[name] = tensors
 
+    def __reduce__(self):
+        # The lookups are keyed by id(tensor), which a copy or an unpickled object does not keep: rebuild them
+        # from the tensors themselves (deepcopy and pickle map them to the copies the optimizer holds).
+        items = [(name, list(self._params[name])) for name in self._names]
+        names = [(p, self._param_names[id(p)]) for name in self._names for p in self._params[name]
+                 if id(p) in self._param_names]
+        return _rebuild_blocks, (items, names, self.module)
+
     @classmethod
     def of(cls, spec: "Blocks | Mapping | Sequence") -> "Blocks":
         """A Blocks from a Blocks, a dict name -> tensors, or a list of (name, tensors) pairs."""
         if isinstance(spec, Blocks):
             return spec
-        return cls(list(spec.items()) if isinstance(spec, Mapping) else list(spec))
+        if isinstance(spec, Mapping):
+            return cls(list(spec.items()))
+        if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+            raise TypeError(f"blocks must be a pyco.blocks.Blocks, a dict name -> parameters or a list of (name, "
+                            f"parameters) pairs, got {type(spec).__name__}")
+        return cls(list(spec))
 
     # Mapping interface
     def __getitem__(self, name: str) -> tuple[torch.Tensor, ...]:
@@ -117,6 +133,10 @@ class Blocks(Mapping):
             raise ValueError(f"{names}{more} of {what} in no block: every parameter needs exactly one block")
 
 
+def _rebuild_blocks(items, names, module) -> Blocks:
+    return Blocks(items, {id(p): n for p, n in names}, module)
+
+
 def _trainable(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -147,11 +167,21 @@ def by_group(optimizer: torch.optim.Optimizer) -> Blocks:
 def by_names(model: nn.Module, patterns: Mapping[str, Sequence[str] | str]) -> Blocks:
     """Blocks from glob patterns over parameter names: ``{"embed": ["wte.*", "wpe.*"], "rest": ["*"]}``.
     A parameter matching several blocks' patterns is an error, as is a trainable parameter matching none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"by_names: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(patterns, Mapping):
+        raise TypeError(f"by_names: patterns must be a dict block name -> glob pattern(s), got "
+                        f"{type(patterns).__name__}; e.g. {{'body': ['0.*', '2.*'], 'head': '4.*'}}")
     names = _trainable(model)
     items = []
     owner: dict[str, str] = {}
     for block, pats in patterns.items():
-        pats = [pats] if isinstance(pats, str) else list(pats)
+        if not isinstance(block, str):
+            raise TypeError(f"by_names: block names must be str, got {block!r}")
+        pats = [pats] if isinstance(pats, str) else pats
+        if not isinstance(pats, Iterable) or not all(isinstance(pat, str) for pat in pats):
+            raise TypeError(f"by_names: block {block!r}: patterns must be a str or a list of str, got {pats!r}")
+        pats = list(pats)
         members = []
         for pname, p in model.named_parameters():
             if id(p) in names and any(fnmatch.fnmatchcase(pname, pat) for pat in pats):

@@ -83,9 +83,14 @@ def _study(args, parser) -> int:
     try:
         results = module.run(args, out)
         results["partial"] = False
-    finally:
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+    finally:  # also on an error: what was measured so far, marked partial
         results["seconds"] = time.perf_counter() - start
         out.json("results.json", results)
+    if results.get("interrupted"):
+        print(f"pyco: interrupted; partial results in {out.path / 'results.json'}", file=sys.stderr)
+        return 130
     print(f"{args.name}: wrote {', '.join(sorted(set(out.files)))} to {out.path} ({results['seconds']:.0f} s)")
     report = out.path / "report.md"
     if report.exists():
@@ -118,12 +123,16 @@ def _info() -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "study":
-        return _study(args, parser)
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "info":
-        return _info()
+    try:
+        if args.command == "study":
+            return _study(args, parser)
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "info":
+            return _info()
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback
+        print("pyco: interrupted", file=sys.stderr)
+        return 130
     parser.print_help()
     return 0
 

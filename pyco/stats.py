@@ -23,6 +23,10 @@ class BlockStats:
     Parameters without a gradient contribute nothing. ``skipped`` is True when the step changed nothing
     (GradScaler found inf, or non-finite gradients under ``nonfinite="skip"``); the sums are then zero.
 
+    For CUDA parameters ``values`` is a device tensor, written by the step's kernels without a host
+    synchronization (reading it waits for them); where the skip was decided on the device, ``skipped`` is a
+    0-dim bool tensor there (``bool(stats.skipped)`` waits too).
+
     Example::
 
         opt = pyco.optim.Adam(model.parameters())
@@ -31,8 +35,9 @@ class BlockStats:
     """
 
     names: tuple[str, ...]
-    values: torch.Tensor  # float64 [k, 4], columns in FIELDS order
-    skipped: bool = False
+    values: torch.Tensor  # float64 [k, 4], columns in FIELDS order, on the device of the parameters
+    skipped: bool | torch.Tensor = False
+    skipped_blocks: tuple[str, ...] = ()  # blocks left unchanged by nonfinite="skip-block" (their rows are zero)
 
     @property
     def grad_sq(self) -> torch.Tensor:

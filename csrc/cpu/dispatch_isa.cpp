@@ -1,43 +1,50 @@
-// Run-time choice of the kernels' instruction set: AVX2 where the processor has it (and it was built).
+// The kernels' entry points: forward to the instruction set this build compiled them for (see CMakeLists).
 #include "isa.h"
 
 namespace pyco::cpu {
 
-#ifdef PYCO_HAVE_AVX2
-static const bool kUseAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-static const bool kUseAvx2 = false;
-#endif
+namespace isa = PYCO_ISA;  // the one instruction set this build compiled the kernels for
 
-const char* kernel_isa() { return kUseAvx2 ? "avx2" : "baseline"; }
+namespace {
+
+#define PYCO_STR2(x) #x
+#define PYCO_STR(x) PYCO_STR2(x)
+constexpr const char* kIsaName = PYCO_STR(PYCO_ISA);
+
+// A build for AVX2 run on a processor without it must say so rather than die of an illegal instruction.
+void require_isa() {
+#if defined(__AVX2__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  if (!ok)
+    throw KernelError("pyco's CPU kernels were built for AVX2, which this processor lacks: rebuild pyco on this "
+                      "machine, or with PYCO_CPU_ISA=baseline (CMake -DPYCO_CPU_ISA=baseline)");
+#endif
+}
+
+}  // namespace
+
+const char* kernel_isa() { return kIsaName; }
 
 void sgd_step(const TensorRecord* r, int64_t n, const SgdHyper* h, int64_t g, const LaunchOptions& o) {
-#ifdef PYCO_HAVE_AVX2
-  if (kUseAvx2) return avx2::sgd_step(r, n, h, g, o);
-#endif
-  baseline::sgd_step(r, n, h, g, o);
+  require_isa();
+  isa::sgd_step(r, n, h, g, o);
 }
 
 void adam_step(const TensorRecord* r, int64_t n, const AdamHyper* h, int64_t g, const LaunchOptions& o) {
-#ifdef PYCO_HAVE_AVX2
-  if (kUseAvx2) return avx2::adam_step(r, n, h, g, o);
-#endif
-  baseline::adam_step(r, n, h, g, o);
+  require_isa();
+  isa::adam_step(r, n, h, g, o);
 }
 
 bool grads_all_finite(const TensorRecord* r, int64_t n, int threads) {
-#ifdef PYCO_HAVE_AVX2
-  if (kUseAvx2) return avx2::grads_all_finite(r, n, threads);
-#endif
-  return baseline::grads_all_finite(r, n, threads);
+  require_isa();
+  return isa::grads_all_finite(r, n, threads);
 }
 
 void block_dot(const void* rows, const void* delta, int32_t dtype, int64_t num_rows, const int64_t* offsets,
                int64_t num_blocks, double* out, int threads) {
-#ifdef PYCO_HAVE_AVX2
-  if (kUseAvx2) return avx2::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
-#endif
-  baseline::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
+  require_isa();
+  isa::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
 }
 
 }  // namespace pyco::cpu

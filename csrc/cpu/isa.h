@@ -1,6 +1,7 @@
-// Each kernel source is compiled once per instruction set (CMake: baseline, and avx2 on x86-64) into
-// namespace pyco::cpu::<isa>; cpu/dispatch_isa.cpp picks one at run time. Every variant computes the same
-// IEEE operations in the same order (no FMA contraction, fixed lanes), so results do not depend on the ISA.
+// The kernel sources are compiled for one instruction set per build (CMake's PYCO_CPU_ISA: baseline, or
+// avx2) into namespace pyco::cpu::<isa>; cpu/dispatch_isa.cpp forwards the public entry points to it.
+// Every instruction set computes the same IEEE operations in the same order (no FMA contraction, fixed
+// lanes), so results do not depend on it.
 #pragma once
 
 #include "../kernels.h"

@@ -14,19 +14,23 @@ import torch
 from torch.optim import Optimizer
 
 from pyco import blocks as _blocks
+from pyco._ext import has_cuda_kernels
 from pyco._kernels import SUPPORTED_DTYPES, Table, grads_all_finite
 from pyco.stats import BlockStats
 
 log = logging.getLogger("pyco")
 
-NONFINITE_POLICIES = ("apply", "skip")
+NONFINITE_POLICIES = ("apply", "skip", "skip-block")
 
 
 def check_number(name: str, value, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> float:
-    """Validates a hyper-parameter (a number or a 1-element tensor) and returns it as a float."""
+    """Validates a hyper-parameter (a number or a 1-element tensor) and returns it as a float. A tensor in
+    device memory is checked for its shape only, and NaN returned: reading it would wait for the device."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got shape {list(value.shape)}")
+        if value.device.type != "cpu":
+            return math.nan
         number = float(value)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
@@ -51,7 +55,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(
                 f"{type(self).__name__} does not support differentiable=True; use torch.optim.{type(self).__name__}"
             )
-        if defaults.get("capturable"):
+        if defaults.get("capturable") and not has_cuda_kernels():
             raise ValueError(
                 f"capturable=True needs pyco's CUDA kernels, which this build does not have; "
                 f"leave capturable=False (the CPU kernels never synchronize) or use torch.optim.{type(self).__name__}"
@@ -63,11 +67,29 @@ class FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._block_spec = None if blocks is None else _blocks.Blocks.of(blocks)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
-        self._foreign_blocks = None  # (Blocks, parameter count, names, index) of the last step_blocks call
+        self._foreign_blocks = None  # (Blocks, parameter count, names, index, where) of the last step_blocks
+
+    # Attributes of pyco's own that a copy or a pickle keeps (torch.optim.Optimizer.__getstate__ keeps only
+    # defaults, state and param_groups); the id()-keyed lookups are rebuilt instead.
+    _PICKLED = ("stats", "nonfinite", "last_stats", "skipped_steps", "_block_spec")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for key, value in (("stats", True), ("nonfinite", "apply"), ("last_stats", None), ("skipped_steps", 0),
+                           ("_block_spec", None)):
+            self.__dict__.setdefault(key, value)
+        self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
+        self._foreign_blocks = None
 
     # ---- construction -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
+        _check_new_group(param_group, len(self.param_groups))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
@@ -92,10 +114,21 @@ class FusedOptimizer(Optimizer):
                 f"{where} has unsupported dtype {p.dtype}; pyco updates float32, float64, float16, bfloat16 "
                 "and complex64/complex128 parameters"
             )
-        if p.device.type != "cpu":
+        if p.device.type == "cuda" and not has_cuda_kernels():
             raise ValueError(
-                f"{where} is on {p.device}, but this build of pyco has CPU kernels only; keep the model on "
-                f"the CPU or use torch.optim.{type(self).__name__} for {p.device.type} tensors"
+                f"{where} is on {p.device}, but this build of pyco has CPU kernels only; rebuild pyco where nvcc "
+                f"is found (`PYCO_CUDA=ON pip install .`), keep the model on the CPU, or use "
+                f"torch.optim.{type(self).__name__} for CUDA tensors"
+            )
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"{where} is on {p.device}, but pyco has CPU and CUDA kernels only; use "
+                f"torch.optim.{type(self).__name__} for {p.device.type} tensors"
+            )
+        if self.param_groups[gi].get("capturable") and p.device.type != "cuda":
+            raise ValueError(
+                f"capturable=True needs pyco's CUDA kernels and CUDA parameters, but {where} is on {p.device}; "
+                f"leave capturable=False (the CPU kernels never synchronize)"
             )
 
     @property
@@ -104,19 +137,19 @@ class FusedOptimizer(Optimizer):
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def _collect(self, only: set[int] | None = None) -> list[tuple[int, dict, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Parameters with gradients (and, given ``only``, whose id is in it), per group, after checking every
-        one of them. Changes nothing."""
+    def _collect(self, only: dict[int, list] | None = None) -> list[tuple[int, dict, list[tuple]]]:
+        """Parameters with gradients, per group (every group, in order), after checking every one of them.
+        ``only`` ({group index: [(param index, param)]}) restricts the parameters looked at. Changes nothing."""
         work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             pairs = []
-            for pi, p in enumerate(group["params"]):
+            for pi, p in (enumerate(group["params"]) if only is None else only.get(gi, ())):
                 g = p.grad
-                if g is None or (only is not None and id(p) not in only):
+                if g is None:
                     continue
-                if (g.is_sparse or not p.is_cpu or not g.is_cpu or g.dtype != p.dtype
-                        or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape):
+                if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
+                        or not ((p.is_cpu and g.is_cpu) or _on_one_cuda_device(p, g))):
                     self._reject_grad(gi, pi, p, g)
                 pairs.append((p, g))
             work.append((gi, group, pairs))
@@ -149,6 +182,9 @@ class FusedOptimizer(Optimizer):
         """
         loss = None
         if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"{type(self).__name__}.step: closure must be callable (or None), "
+                                f"got {type(closure).__name__}")
             with torch.enable_grad():
                 loss = closure()
         self._launch(self._collect(), self._block_names, self._block_index)
@@ -176,28 +212,39 @@ class FusedOptimizer(Optimizer):
             loss.backward()
             opt.step_blocks(blocks, ["3"])   # only module 3 moves
         """
-        names, index = self._resolve_foreign(blocks)
-        only = set()
+        names, index, where = self._resolve_foreign(blocks)
+        only: dict[int, list] = {}  # only the active blocks' tensors are looked at, not every parameter
         for name in active:
             if name not in blocks:
                 raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
-            only.update(id(p) for p in blocks[name])
+            for p in blocks[name]:
+                gi, pi = where[id(p)]
+                only.setdefault(gi, []).append((pi, p))
         return self._launch(self._collect(only), names, index)
 
-    def _resolve_foreign(self, blocks: _blocks.Blocks) -> tuple[tuple[str, ...], dict[int, int]]:
-        """Names and param -> row map of ``blocks``, checked to cover this optimizer's parameters exactly once;
-        cached, since an order wrapper passes the same Blocks at every step."""
+    def _resolve_foreign(self, blocks: _blocks.Blocks) -> tuple[tuple[str, ...], dict[int, int], dict[int, tuple]]:
+        """Names, param -> row map and param -> (group, index in group) for ``blocks``, checked to cover this
+        optimizer's parameters exactly once; cached, since an order wrapper passes the same Blocks every step."""
         count = sum(len(group["params"]) for group in self.param_groups)
-        cached = self._foreign_blocks
+        cached = getattr(self, "_foreign_blocks", None)
         if cached is None or cached[0] is not blocks or cached[1] != count:
             if not isinstance(blocks, _blocks.Blocks):
                 raise TypeError(f"step_blocks: blocks must be a pyco.blocks.Blocks, got {type(blocks).__name__}")
             names, index = _blocks.resolve(self.param_groups, blocks)
-            self._foreign_blocks = cached = (blocks, count, names, index)
-        return cached[2], cached[3]
+            where = {id(p): (gi, pi) for gi, group in enumerate(self.param_groups)
+                     for pi, p in enumerate(group["params"])}
+            self._foreign_blocks = cached = (blocks, count, names, index, where)
+        return cached[2], cached[3], cached[4]
 
     def _launch(self, work, names: tuple[str, ...], index: dict[int, int]) -> BlockStats | None:
         """One kernel launch over ``work`` (from ``_collect``), statistics per block of ``names``/``index``."""
+        if any(p.is_cuda for _, _, pairs in work for p, _ in pairs):
+            if self.nonfinite == "skip-block":
+                raise ValueError(f"{type(self).__name__}: nonfinite='skip-block' is implemented for CPU parameters "
+                                 "only; use nonfinite='skip' (the whole step) for CUDA parameters")
+            from pyco.optim import _cuda  # one launch per device, no host synchronization
+
+            return _cuda.launch(self, work, names, index)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
             self._skip("GradScaler found inf or NaN gradients", names)
@@ -206,6 +253,12 @@ class FusedOptimizer(Optimizer):
         if self.nonfinite == "skip" and not grads_all_finite([g for _, _, pairs in work for _, g in pairs], threads):
             self._skip("non-finite gradients, nonfinite='skip'", names)
             return self.last_stats
+        skipped_blocks = ()
+        if self.nonfinite == "skip-block":
+            work, skipped_blocks = _drop_nonfinite_blocks(work, names, index, threads)
+            if skipped_blocks:
+                log.warning("%s: blocks %s skipped (non-finite gradients, nonfinite='skip-block'); their parameters "
+                            "and state unchanged", type(self).__name__, list(skipped_blocks))
         grad_scale = getattr(self, "grad_scale", None)
         table = Table()
         hypers = []
@@ -224,7 +277,7 @@ class FusedOptimizer(Optimizer):
             num_threads=threads,
         )
         table.write_back()
-        self.last_stats = None if values is None else BlockStats(names, values)
+        self.last_stats = None if values is None else BlockStats(names, values, skipped_blocks=skipped_blocks)
         return self.last_stats
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -241,6 +294,16 @@ class FusedOptimizer(Optimizer):
                 f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"state_dict: param group {gi} must be a dict with a 'params' list, "
+                                 f"got {type(saved).__name__}")
+            try:  # the saved group alone must hold this rule's hyper-parameters: SGD's does not fit Adam
+                self._check_group({k: v for k, v in saved.items() if k != "params"})
+            except KeyError as exc:
+                raise ValueError(
+                    f"state_dict: param group {gi} has no {exc.args[0]!r} (it has {sorted(saved)}); was it saved "
+                    f"by another optimizer than {type(self).__name__}?"
+                ) from None
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi} of the state_dict has {len(saved.get('params', ()))} parameters, "
@@ -255,10 +318,48 @@ class FusedOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
-                self._normalize_state(self.state.get(p))
+                self._normalize_state(self.state.get(p), p)
 
-    def _normalize_state(self, entry: dict | None) -> None:
+    def _normalize_state(self, entry: dict | None, p: torch.Tensor) -> None:
         """Hook for rules whose state needs a fixed representation after loading (Adam's step counter)."""
+
+
+def _check_new_group(param_group, index: int) -> None:
+    """What torch.optim accepts with a warning or a KeyError, refused clearly: a group without 'params', a
+    parameter twice in one group."""
+    if not isinstance(param_group, dict):
+        return  # torch's own message
+    if "params" not in param_group:
+        raise ValueError(f"param group {index} has no 'params' entry: give a dict with 'params' (an iterable of "
+                         f"tensors) and, optionally, hyper-parameters")
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor) or isinstance(params, set):
+        return  # torch's own handling (a single tensor; a set is refused)
+    params = param_group["params"] = list(params)
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        if id(p) in seen:
+            shape = list(p.shape) if isinstance(p, torch.Tensor) else "?"
+            raise ValueError(f"param group {index}: params {seen[id(p)]} and {i} are the same tensor (shape {shape});"
+                             f" give each parameter once")
+        seen[id(p)] = i
+
+
+def _drop_nonfinite_blocks(work, names: tuple[str, ...], index: dict[int, int], threads: int):
+    """``work`` without the parameters of the blocks whose gradients hold an inf or NaN, and those blocks' names."""
+    grads: dict[int, list] = {}
+    for _, _, pairs in work:
+        for p, g in pairs:
+            grads.setdefault(index[id(p)], []).append(g)
+    bad = {b for b, gs in grads.items() if not grads_all_finite(gs, threads)}
+    if not bad:
+        return work, ()
+    kept = [(gi, group, [(p, g) for p, g in pairs if index[id(p)] not in bad]) for gi, group, pairs in work]
+    return kept, tuple(names[b] for b in sorted(bad))
+
+
+def _on_one_cuda_device(p: torch.Tensor, g: torch.Tensor) -> bool:
+    return p.is_cuda and g.is_cuda and p.get_device() == g.get_device() and has_cuda_kernels()
 
 
 def check_state_tensor(where: str, name: str, p: torch.Tensor, value) -> None:

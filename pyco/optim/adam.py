@@ -27,11 +27,17 @@ class Adam(FusedOptimizer):
         weight_decay (default 0), amsgrad (default False), maximize (default False),
         decoupled_weight_decay (default False): as torch.optim.Adam.
         foreach, fused: accepted for compatibility; pyco always runs its fused kernel.
-        capturable, differentiable: must be False in this (CPU) build.
+        capturable (default False): on CUDA every pyco step is capturable in a CUDA graph (step counters
+            live on the device and are advanced by the kernel, a tensor ``lr`` on the device is read by the
+            kernel at every launch, GradScaler's scale and found_inf are applied on the device); True is
+            accepted for CUDA parameters and refused for CPU ones. Capture after a few eager warm-up steps
+            (state is created on the first), as torch's CUDA-graph documentation prescribes.
+        differentiable: must be False.
         blocks, stats, nonfinite: see :class:`pyco.optim.SGD`.
 
-    State per parameter, in torch's layout: ``step`` (scalar tensor), ``exp_avg``, ``exp_avg_sq`` and
-    ``max_exp_avg_sq`` (amsgrad), so torch and pyco checkpoints load into each other.
+    State per parameter, in torch's layout: ``step`` (scalar tensor: float32/float64 on the CPU for CPU
+    parameters; float32 on the parameter's device for CUDA ones, as torch's fused layout), ``exp_avg``,
+    ``exp_avg_sq`` and ``max_exp_avg_sq`` (amsgrad), so torch and pyco checkpoints load into each other.
 
     Example::
 
@@ -77,11 +83,14 @@ class Adam(FusedOptimizer):
                             decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
 
     _kernel = staticmethod(_C.adam_step)
+    _rule = "adam"  # pyco._C_cuda's adam_* functions
 
     def _states(self, p: torch.Tensor, group: dict):
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # torch's non-fused layout
+            state["step"] = (  # torch's non-fused layout on the CPU, its fused one on CUDA
+                torch.tensor(0.0, dtype=_get_scalar_dtype()) if p.is_cpu
+                else torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device))
             # Exponential moving averages of the gradient and of its square
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -105,14 +114,20 @@ class Adam(FusedOptimizer):
         for name in required:
             check_state_tensor(where, name, p, entry[name])
 
-    def _normalize_state(self, entry: dict | None) -> None:
-        # The kernel increments the counter in place: it must be a CPU float32/float64 scalar.
+    def _normalize_state(self, entry: dict | None, p: torch.Tensor) -> None:
+        # The kernel increments the counter in place: it must be a float32/float64 scalar on the CPU for CPU
+        # parameters, on the parameter's device for CUDA ones.
         step = None if not entry else entry.get("step")
         if step is None:
             return
-        if not (isinstance(step, torch.Tensor) and step.dtype in _STEP_DTYPES and step.device.type == "cpu"
+        device = torch.device("cpu") if p.is_cpu else p.device
+        if not (isinstance(step, torch.Tensor) and step.dtype in _STEP_DTYPES and step.device == device
                 and step.dim() == 0):
-            entry["step"] = torch.tensor(float(step), dtype=_get_scalar_dtype())
+            dtype = _get_scalar_dtype(is_fused=not p.is_cpu)
+            if isinstance(step, torch.Tensor):
+                entry["step"] = step.detach().reshape(()).to(device=device, dtype=dtype)
+            else:
+                entry["step"] = torch.tensor(float(step), dtype=dtype, device=device)
 
 
 class AdamW(Adam):

@@ -25,9 +25,17 @@ class SGD(FusedOptimizer):
         blocks: named blocks of parameters for the statistics (a dict name -> tensors); default one block
             per param group.
         stats (default True): compute ``last_stats`` (Σg², Σu², Σg·u, Σθ² per block) in the update's pass.
-        nonfinite ("apply" or "skip", default "apply"): "apply" updates with whatever the gradients hold,
+        nonfinite ("apply", "skip" or "skip-block", default "apply"): "apply" updates with whatever the gradients hold,
             as torch.optim does (``last_stats.finite`` tells); "skip" checks first and, if any gradient is
-            inf or NaN, changes nothing and counts ``skipped_steps``.
+            inf or NaN, changes nothing and counts ``skipped_steps``. On CUDA the check is a kernel and the
+            decision stays on the device (no synchronization): ``skipped_steps`` does not count it and
+            ``last_stats.skipped`` is a 0-dim bool tensor on the device, as under GradScaler.
+            "skip-block" (CPU parameters) skips only the blocks whose gradients hold an inf or NaN and
+            updates the others; ``last_stats.skipped_blocks`` names the skipped ones (their rows are zero).
+
+    CUDA parameters are updated by pyco's CUDA kernels (when built: ``pyco.info()["cuda_kernels"]``), one
+    launch per device on torch's current stream, without host synchronization; ``last_stats.values`` then
+    lives on the device (reading it waits for the step).
 
     Example::
 
@@ -71,6 +79,7 @@ class SGD(FusedOptimizer):
                            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     _kernel = staticmethod(_C.sgd_step)
+    _rule = "sgd"  # pyco._C_cuda's sgd_* functions
 
     def _states(self, p: torch.Tensor, group: dict):
         if group["momentum"] == 0:

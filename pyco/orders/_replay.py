@@ -59,6 +59,11 @@ class BufferReplay:
         """Before a recomputation that runs groups ``first_group`` and up: their values from before the step."""
         _assign(self.buffers[first_group:], self.before[first_group:])
 
+    def rollback(self) -> None:
+        """After a step that raised: every buffer back to its value before the step."""
+        _assign(self.buffers, self.before)
+        self.after = None
+
     def finish(self) -> None:
         """After the step (also after an error): as the first evaluation left them, if it finished."""
         if self.after is not None:

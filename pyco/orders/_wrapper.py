@@ -214,8 +214,16 @@ class Fingerprint:
         return None
 
 
+def check_seed(seed, who: str) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"{who}: Invalid seed: {seed!r} (expected an int)")
+    return seed
+
+
 def evaluate(closure: Callable[[], torch.Tensor], who: str):
     """Runs the closure with autograd on and checks that it returned the loss (a scalar)."""
+    if not callable(closure):
+        raise TypeError(f"{who}: the closure must be callable, got {type(closure).__name__}")
     with torch.enable_grad():
         loss = closure()
     if isinstance(loss, torch.Tensor):

@@ -4,11 +4,13 @@ are frozen for the backward pass."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
-from pyco.orders._wrapper import Fingerprint, OrderWrapper, evaluate, frozen
+from pyco.orders._wrapper import Fingerprint, OrderWrapper, check_seed, evaluate, frozen
 from pyco.orders.gauss_seidel import check_generator_state
 from pyco.orders.schedules import BlockSchedule
 from pyco.stats import BlockStats
@@ -54,7 +56,17 @@ class BlockCoordinate(OrderWrapper):
         verify (default True): check after every step that exactly the active blocks moved.
 
     The step takes the usual closure (``loss.backward()`` inside); without one, the gradients already on the
-    parameters are used (and no backward is saved). ``active_blocks`` names the blocks of the last step.
+    parameters are used (and no backward is saved). ``active_blocks`` names the blocks of the last step. A
+    closure that raises leaves the wrapper as before the step (schedule, active set, optimizer state, the
+    parameters' gradients); the closure runs once, as for a plain optimizer, so what its forward consumed
+    (random draws, batch-norm statistics) is its own.
+
+    Under ``torch.nn.parallel.DistributedDataParallel`` build DDP with ``find_unused_parameters=True``: the
+    frozen blocks take no part in the backward, and DDP's reducer otherwise waits for their gradients (and
+    fails at the next forward). With it, their gradients stay None on every rank and the active blocks' are
+    averaged as usual, so the step equals the single-process step on the whole batch. A DDP without it
+    (``static_graph=True`` does not help: the graph changes with the active set) is refused with an error,
+    at construction when the blocks come from ``by_module(ddp)``, else at the first forward through it.
 
     Example::
 
@@ -73,8 +85,12 @@ class BlockCoordinate(OrderWrapper):
     def __init__(self, optimizer: Optimizer, blocks=None, schedule: str = "cyclic", *, active: int = 1,
                  every: int = 1, always: Sequence[str] = (), state: str = "keep", seed: int = 0,
                  verify: bool = True):
+        check_seed(seed, type(self).__name__)
         super().__init__(optimizer, blocks)
+        _check_ddp(self.blocks.module)
         names = self.blocks.names
+        if not isinstance(always, (str, list, tuple)):
+            raise TypeError(f"Invalid always: {always!r} (expected a block name or a list of block names)")
         always = [always] if isinstance(always, str) else list(always)
         unknown = [n for n in always if n not in names]
         if unknown or len(set(always)) != len(always):
@@ -104,33 +120,45 @@ class BlockCoordinate(OrderWrapper):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """Updates the active blocks; returns the closure's loss (None without closure)."""
-        switching = self._active is None or self.steps % self.every == 0
-        needs_all = switching and self.schedule.needs_gradients
-        if switching and not needs_all:
-            self._switch(self.schedule.next())
-        loss = None
-        if closure is not None:
-            with frozen([] if needs_all else self._inactive):
-                loss = evaluate(closure, f"{type(self).__name__}.step")
-        if needs_all:
-            self._switch(self.schedule.next(self._grad_norms()))
-        if self.verify:
-            self._check_active_have_grads()
+        was = self._active, self._inactive, self.schedule.state_dict(), [(p, p.grad) for p in self.blocks.params()]
+        previous = self._active
+        try:
+            switching = self._active is None or self.steps % self.every == 0
+            needs_all = switching and self.schedule.needs_gradients
+            if switching and not needs_all:
+                self._switch(self.schedule.next())
+            loss = None
+            if closure is not None:
+                with frozen([] if needs_all else self._inactive), _refusing_ddp_without_unused():
+                    loss = evaluate(closure, f"{type(self).__name__}.step")
+            if needs_all:
+                self._switch(self.schedule.next(self._grad_norms()))
+            if self.verify:
+                self._check_active_have_grads()
+        except BaseException:  # nothing has moved yet: put the schedule's position and the gradients back
+            self._active, self._inactive = was[0], was[1]
+            self.schedule.load_state_dict(was[2])
+            for p, g in was[3]:
+                p.grad = g
+            raise
+        if switching and self.state_policy == "reset":
+            self._reset_leaving(previous)
         self.last_stats = self._step_active()
         self.steps += 1
         return loss
 
     def _switch(self, scheduled: Sequence[int]) -> None:
-        active = sorted({*scheduled, *self._always})
-        if self.state_policy == "reset":
-            # Blocks leaving the active set; at the first step every inactive block (state from before wrapping).
-            leaving = range(len(self.blocks)) if self._active is None else self._active
-            for b in leaving:
-                if b not in active:
-                    for p in self._block_params(b):
-                        self.optimizer.state.pop(p, None)
-        self._active = active
-        self._inactive = self._params_outside(active)
+        self._active = sorted({*scheduled, *self._always})
+        self._inactive = self._params_outside(self._active)
+
+    def _reset_leaving(self, previous: Sequence[int] | None) -> None:
+        """state="reset": drops the optimizer state of the blocks that left the active set (at the first step,
+        of every inactive block: state from before wrapping)."""
+        leaving = range(len(self.blocks)) if previous is None else previous
+        for b in leaving:
+            if b not in self._active:
+                for p in self._block_params(b):
+                    self.optimizer.state.pop(p, None)
 
     def _grad_norms(self) -> torch.Tensor:
         """‖g_b‖ per block (float64), from the gradients the parameters hold."""
@@ -200,3 +228,28 @@ class BlockCoordinate(OrderWrapper):
         self._active = None if active is None else [self.blocks.names.index(n) for n in active]
         self._inactive = [] if active is None else self._params_outside(self._active)
         self.schedule.load_state_dict({k[len("schedule_"):]: v for k, v in own.items() if k.startswith("schedule_")})
+
+
+def _check_ddp(module) -> None:
+    if (isinstance(module, nn.parallel.DistributedDataParallel) and not module.find_unused_parameters):
+        raise ValueError(
+            "BlockCoordinate under DistributedDataParallel needs find_unused_parameters=True: the inactive blocks "
+            "are frozen and get no gradient, which DDP's reducer otherwise waits for; build it as "
+            "DistributedDataParallel(model, find_unused_parameters=True)"
+        )
+
+
+@contextmanager
+def _refusing_ddp_without_unused():
+    """While the closure runs: a forward through a DDP without find_unused_parameters raises (before DDP runs
+    it), when torch.distributed is in use."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: _check_ddp(module))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from pyco import blocks as _blocks
 from pyco.orders._replay import BufferReplay, RandomState
-from pyco.orders.gauss_seidel import GaussSeidel, combine_stats
+from pyco.orders.gauss_seidel import GaussSeidel, Rollback, combine_stats
 from pyco.stats import BlockStats
 
 
@@ -40,11 +40,22 @@ class ChainGaussSeidel(GaussSeidel):
     (each block within consecutive children, as ``by_module`` gives for an MLP). The model's forward must be
     ``nn.Sequential``'s own (children applied in order).
 
+    A step is all or nothing, as for :class:`GaussSeidel`: if ``loss_fn`` or a child raises in the middle of a
+    sweep, everything the step changed is put back and the exception propagates.
+
+    Under ``torch.nn.parallel.DistributedDataParallel`` pass the wrapped chain (``ddp.module``) and
+    ``process_group``: each rank runs the chain on its part of the batch and every block's recomputed
+    gradient is averaged over the group (one all-reduce of that block's gradient, as DDP would), so the step
+    equals the single-process step on the whole batch when the ranks' batches have the same size and
+    ``loss_fn`` takes the mean. Buffers (batch norm) stay per rank.
+
     Args:
         optimizer, sweep, seed: as :class:`GaussSeidel`.
         model (nn.Sequential): the chain.
         loss_fn: ``loss_fn(output, target)`` returns the scalar loss.
         blocks: default ``pyco.blocks.by_module(model)``.
+        process_group (default None): a ``torch.distributed`` process group (``torch.distributed.group.WORLD``)
+            over which to average the gradients; None: no communication.
 
     Example::
 
@@ -54,13 +65,21 @@ class ChainGaussSeidel(GaussSeidel):
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Sequential, loss_fn: Callable, blocks=None,
-                 sweep: str | Sequence[str] = "backward", *, seed: int = 0):
+                 sweep: str | Sequence[str] = "backward", *, seed: int = 0, process_group=None):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("ChainGaussSeidel: got DistributedDataParallel, whose reducer cannot run the partial "
+                            "backward passes of the sweep; pass the chain itself (ddp.module) and "
+                            "process_group=torch.distributed.group.WORLD to average the gradients over the ranks")
         if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
             raise TypeError(f"ChainGaussSeidel needs an nn.Sequential that applies its children in order, got "
                             f"{type(model).__name__}; use GaussSeidel with a closure for other models")
+        if not callable(loss_fn):
+            raise TypeError(f"ChainGaussSeidel: loss_fn must be callable as loss_fn(output, target), got "
+                            f"{type(loss_fn).__name__}")
         super().__init__(optimizer, _blocks.by_module(model) if blocks is None else blocks, sweep, model=model,
                          seed=seed)
         self.loss_fn = loss_fn
+        self.process_group = process_group
         self._children = list(model)
         self._buffers = BufferReplay(self._children)  # per child: a partial recomputation replays its part
         self._entry = _entry_children(self.blocks, self._children)
@@ -73,7 +92,9 @@ class ChainGaussSeidel(GaussSeidel):
         if callable(input) and not isinstance(input, torch.Tensor):
             raise TypeError("ChainGaussSeidel.step takes the batch (input, target), not a closure; use "
                             "GaussSeidel for closures")
+        undo = Rollback(self)
         order = self._next_sweep()
+        before = RandomState()
         cache = _EntryCache(input)
         after = None
         rows: dict[int, BlockStats | None] = {}
@@ -82,11 +103,15 @@ class ChainGaussSeidel(GaussSeidel):
             loss = self._loss_from(cache, 0, target)
             after = RandomState()
             self._buffers.first_done()
-            self._update(order[0], loss, rows)
+            self._update(order[0], loss, rows, undo)
             for previous, b in zip(order, order[1:]):
                 start = self._restart_child(b, previous)
                 self._buffers.replay(start)
-                self._update(b, self._loss_from(cache, start, target), rows)
+                self._update(b, self._loss_from(cache, start, target), rows, undo)
+        except BaseException:
+            after = None
+            undo.restore(before)
+            raise
         finally:
             if after is not None:
                 after.restore()
@@ -113,13 +138,16 @@ class ChainGaussSeidel(GaussSeidel):
                 x = self._children[i](x)
             return self.loss_fn(x, target)
 
-    def _update(self, b: int, loss: torch.Tensor, rows: dict) -> None:
-        """Gives block b the gradient of ``loss`` (the backward from the loss down to block b, nothing else)
-        and moves it."""
+    def _update(self, b: int, loss: torch.Tensor, rows: dict, undo: Rollback) -> None:
+        """Gives block b the gradient of ``loss`` (the backward from the loss down to block b, nothing else),
+        averaged over ``process_group``, and moves it."""
         params = self._block_params(b)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        if self.process_group is not None:
+            grads = _average(grads, params, self.process_group)
         for p, g in zip(params, grads):
             p.grad = g
+        undo.before_update(params)
         rows[b] = self._step_blocks([b])
 
 
@@ -143,6 +171,22 @@ class _EntryCache:
         else:  # the first forward: remember the state it starts from
             self.randoms[start] = RandomState()
         return self.inputs[start]
+
+
+def _average(grads: list, params: Sequence[torch.Tensor], group) -> list[torch.Tensor]:
+    """The mean over the ranks of ``group`` of one block's gradients, in one all-reduce (a missing gradient
+    counts as zeros: a rank whose batch does not reach a parameter contributes nothing to it)."""
+    import torch.distributed as dist
+
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    out, start = [], 0
+    for g in grads:
+        out.append(flat[start:start + g.numel()].view(g.shape))
+        start += g.numel()
+    return out
 
 
 def _entry_children(blocks: _blocks.Blocks, children: Sequence[nn.Module]) -> list[int]:

@@ -3,6 +3,7 @@ its gradient recomputed on the same batch at the parameters the blocks before it
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from pyco.orders._replay import BufferReplay, RandomState
-from pyco.orders._wrapper import OrderWrapper, evaluate
+from pyco.orders._wrapper import OrderWrapper, check_seed, evaluate
 from pyco.stats import BlockStats
 
 SWEEPS = ("backward", "forward", "random")
@@ -38,6 +39,11 @@ class GaussSeidel(OrderWrapper):
       the first evaluation left them, so running statistics advance once per step;
     - each block's optimizer state advances exactly once per step: the inner optimizer steps once per block,
       with only that block's parameters holding a gradient (pyco's optimizers: one launch for the block).
+
+    A step is all or nothing: if the closure (or anything else) raises in the middle of a sweep, the blocks
+    already moved get their values and optimizer state back, the gradients, buffers, random-number state and
+    the sweep's generator are as before the step, and the exception propagates (each block's values and state
+    are copied just before it moves: one copy of the parameters and their state per step).
 
     The step returns the loss of the first evaluation (at the parameters before the step). Afterwards each
     parameter's ``.grad`` is the gradient its block was updated with. The wrapper clears the gradients before
@@ -71,6 +77,7 @@ class GaussSeidel(OrderWrapper):
 
     def __init__(self, optimizer: Optimizer, blocks=None, sweep: str | Sequence[str] = "backward", *,
                  model: nn.Module | None = None, seed: int = 0):
+        check_seed(seed, type(self).__name__)
         super().__init__(optimizer, blocks)
         self.sweep = _check_sweep(sweep, self.blocks.names)
         self.model = model if model is not None else self.blocks.module
@@ -103,6 +110,7 @@ class GaussSeidel(OrderWrapper):
                 "batch after the blocks before it moved. Pass one, e.g. "
                 "def closure(): loss = loss_fn(model(x), y); loss.backward(); return loss; opt.step(closure)"
             )
+        undo = Rollback(self)
         order = self._next_sweep()
         before = RandomState()
         after = None
@@ -120,7 +128,12 @@ class GaussSeidel(OrderWrapper):
                     loss, after = value, RandomState()
                     self._buffers.first_done()
                 used[b] = [p.grad for p in self._block_params(b)]
+                undo.before_update(self._block_params(b))
                 rows[b] = self._step_blocks([b])
+        except BaseException:
+            after = None
+            undo.restore(before)
+            raise
         finally:
             if after is not None:
                 after.restore()
@@ -154,6 +167,8 @@ def _check_sweep(sweep, names: tuple[str, ...]) -> str | tuple[str, ...]:
         if sweep not in SWEEPS:
             raise ValueError(f"Invalid sweep: {sweep!r} (expected one of {SWEEPS} or a list naming every block once)")
         return sweep
+    if not isinstance(sweep, (list, tuple)):
+        raise TypeError(f"Invalid sweep: {sweep!r} (expected one of {SWEEPS} or a list naming every block once)")
     order = tuple(sweep)
     unknown = [n for n in order if n not in names]
     repeated = sorted({n for n in order if order.count(n) > 1})
@@ -170,10 +185,59 @@ def combine_stats(names: tuple[str, ...], rows: dict[int, BlockStats | None]) ->
     """One BlockStats for a step made of several launches (each launch fills its own blocks' rows)."""
     if not rows or any(r is None for r in rows.values()):
         return None
-    values, skipped = 0, False
+    values, skipped, skipped_blocks = 0, False, set()
     for r in rows.values():
         values, skipped = values + r.values, skipped | r.skipped  # device tensors stay there: no host sync
-    return BlockStats(names, values, skipped)
+        skipped_blocks.update(r.skipped_blocks)
+    return BlockStats(names, values, skipped, tuple(n for n in names if n in skipped_blocks))
+
+
+class Rollback:
+    """Undoes a Gauss–Seidel step that raised: what the step changes is kept as it goes (the gradients and
+    the sweep's generator at the start; each block's values and optimizer state just before it moves) and
+    :meth:`restore` puts it back, with the buffers and the random-number state from before the step."""
+
+    def __init__(self, wrapper: GaussSeidel):
+        self.wrapper = wrapper
+        self.grads = [(p, p.grad) for p in wrapper.blocks.params()]
+        self.generator = wrapper._generator.get_state()
+        inner = wrapper.optimizer.__dict__
+        self.inner = {k: inner[k] for k in ("last_stats", "skipped_steps") if k in inner}
+        self.moved: list[tuple[torch.Tensor, torch.Tensor, dict | None]] = []
+
+    @torch.no_grad()
+    def before_update(self, params: Sequence[torch.Tensor]) -> None:
+        state = self.wrapper.optimizer.state
+        for p in params:
+            entry = state.get(p)  # .get: the state is a defaultdict, and looking must not create an entry
+            saved = None if entry is None else {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                                for k, v in entry.items()}
+            self.moved.append((p, p.detach().clone(), saved))
+
+    @torch.no_grad()
+    def restore(self, rng: RandomState) -> None:
+        state = self.wrapper.optimizer.state
+        for p, value, saved in reversed(self.moved):
+            p.copy_(value)
+            if saved is None:
+                state.pop(p, None)
+                continue
+            entry = state[p]
+            for key in [k for k in entry if k not in saved]:
+                del entry[key]
+            for key, old in saved.items():  # in place where possible: a captured CUDA graph keeps addresses
+                now = entry.get(key)
+                if (isinstance(old, torch.Tensor) and isinstance(now, torch.Tensor) and now.shape == old.shape
+                        and now.dtype == old.dtype and now.device == old.device):
+                    now.copy_(old)
+                else:
+                    entry[key] = old
+        for p, g in self.grads:
+            p.grad = g
+        self.wrapper._generator.set_state(self.generator)
+        self.wrapper.optimizer.__dict__.update(self.inner)
+        self.wrapper._buffers.rollback()
+        rng.restore()
 
 
 def check_generator_state(state, who: str) -> None:

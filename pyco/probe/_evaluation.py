@@ -103,7 +103,7 @@ class FixedBatch:
         self.params = list(params)
         self.dtype = dtype
         self._original: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (param, its original .data)
-        self._buffers = BufferLog(on_first=self._cast_module if dtype is not None else None)
+        self._buffers = BufferLog(on_first=self._first_seen)
         self._stack = contextlib.ExitStack()
 
     # -- entering and leaving --------------------------------------------------------------------------
@@ -138,6 +138,15 @@ class FixedBatch:
         if id(p) not in self._original and p.is_floating_point() and p.dtype != self.dtype:
             self._original[id(p)] = (p, p.data)
             p.data = p.data.to(self.dtype)
+
+    def _first_seen(self, module: nn.Module) -> None:
+        if isinstance(module, nn.parallel.DistributedDataParallel) and "forward" not in module.__dict__:
+            raise TypeError(
+                "the probe's loss_fn calls a DistributedDataParallel model, whose reducer cannot differentiate "
+                "twice; call its module (ddp.module) in loss_fn, and pass process_group= for the global batch"
+            )
+        if self.dtype is not None:
+            self._cast_module(module)
 
     def _cast_module(self, module: nn.Module) -> None:
         for p in module._parameters.values():

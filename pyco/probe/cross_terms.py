@@ -15,9 +15,11 @@ order, which lets autograd skip about half the graph; the rest of C is its symme
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from pyco._ext import _C
 from pyco.blocks import Blocks
@@ -29,7 +31,8 @@ MODES = ("full", "rows")
 
 
 def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: str = "full",
-                dtype: torch.dtype | None = None, alone: bool = True, max_batch: int | None = None) -> CrossTerms:
+                dtype: torch.dtype | None = None, alone: bool = True, max_batch: int | None = None,
+                process_group=None) -> CrossTerms:
     """Splits the loss change of the step ``update`` into first-order, within-block, cross-block and
     higher-order parts, exactly (see the module docstring for the formulas).
 
@@ -52,6 +55,15 @@ def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: st
         max_batch: tangents per backward pass: 1 runs them one by one, more batches them in one
             backward with ``is_grads_batched=True`` (vmap). None: one by one on a CPU, where it measures
             faster, and as many as fit in half the free memory on a GPU.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``): the report
+            is then the one for the global batch, the union of the ranks' batches. Every rank calls
+            ``cross_terms`` with its own part of the batch and the same ``update``; each computes f, C, the
+            losses and alone on its part and one all-reduce of those k² + O(k) numbers averages them (the
+            global loss is the mean of the ranks' losses, as DDP assumes: equal batch sizes, mean-reduced
+            losses). Explicit, never detected: None (default) is the local probe, with or without
+            torch.distributed. Under ``DistributedDataParallel`` the probe differentiates twice, which DDP's
+            reducer cannot: evaluate ``ddp.module`` in ``loss_fn`` (blocks from ``by_module(ddp)`` are
+            bypassed automatically: calling the DDP runs its module, with no communication).
 
     Returns:
         a :class:`CrossTerms` report.
@@ -64,27 +76,90 @@ def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: st
         report = pyco.probe.cross_terms(loss_fn, blocks, [-0.1 * g for g in grads], dtype=torch.float64)
         print(report.table())
     """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a zero-argument callable returning the loss, got {type(loss_fn).__name__}")
     if mode not in MODES:
         raise ValueError(f"Invalid mode: {mode!r} (expected one of {MODES})")
+    if not isinstance(alone, bool):
+        raise TypeError(f"Invalid alone: {alone!r} (expected True or False)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"Invalid dtype: {dtype!r} (expected None or a floating-point torch.dtype)")
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"Invalid max_batch: {max_batch!r} (expected None or an int >= 1)")
+    _check_group(process_group)
     blocks = Blocks.of(blocks)
     params = blocks.params()
     deltas = aligned_update(blocks, params, update)
-    with FixedBatch(loss_fn, params, dtype) as batch:
+    with bypassing_ddp([blocks.module]), FixedBatch(loss_fn, params, dtype) as batch:
         deltas = [d.detach().to(batch.working(p).dtype) for p, d in zip(params, deltas)]
         first, c, rows, quadratic = _second_order(batch, blocks, deltas, mode, max_batch)
         with torch.no_grad():
             before = batch.loss()
             after = batch.loss(dict(enumerate(deltas)))
             alone_dl = _alone(batch, blocks, deltas, before) if alone else None
+    dtype_name = str(before.dtype).replace("torch.", "")
+    before, after = before.double().reshape(1), after.double().reshape(1)
+    if process_group is not None:
+        first, c, rows, quadratic, before, after, alone_dl = _group_mean(
+            process_group, first, c, rows, torch.tensor([quadratic], dtype=torch.float64), before, after, alone_dl)
+        quadratic = float(quadratic)
     return CrossTerms(
-        names=blocks.names, numel=tuple(blocks.numel()), mode=mode, dtype=str(before.dtype).replace("torch.", ""),
+        names=blocks.names, numel=tuple(blocks.numel()), mode=mode, dtype=dtype_name,
         loss_before=before.item(), loss_after=after.item(), first_order=first, C=c, row_sums=rows,
         quadratic=quadratic, alone=alone_dl,
     )
+
+
+def _check_group(process_group) -> None:
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group was given but torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group(...) first, or pass process_group=None")
+
+
+def _group_mean(group, *values):
+    """The mean over the ranks of ``group`` of each tensor in ``values`` (None stays None), in one all-reduce
+    of float64 numbers: only these block-sized results cross the network."""
+    import torch.distributed as dist
+
+    present = [v for v in values if v is not None]
+    flat = torch.cat([v.detach().double().reshape(-1).cpu() for v in present])
+    if dist.get_backend(group) == "nccl":
+        flat = flat.cuda()
+    dist.all_reduce(flat, group=group)
+    flat = (flat / dist.get_world_size(group)).cpu()
+    out, start = [], 0
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        out.append(flat[start:start + v.numel()].reshape(v.shape).clone())
+        start += v.numel()
+    return out
+
+
+@contextlib.contextmanager
+def bypassing_ddp(modules):
+    """While inside, calling one of these ``DistributedDataParallel`` modules runs its ``module`` directly:
+    no reducer, no buffer broadcast, no collective (double backward through DDP's hooks is not possible)."""
+    ddps = [m for m in modules if isinstance(m, nn.parallel.DistributedDataParallel)]
+    saved = [m.__dict__.get("forward", _MISSING) for m in ddps]
+    try:
+        for m in ddps:
+            m.__dict__["forward"] = m.module.__call__
+        yield
+    finally:
+        for m, old in zip(ddps, saved):
+            if old is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = old
+
+
+_MISSING = object()
 
 
 def aligned_update(blocks: Blocks, params: list[torch.Tensor], update) -> list[torch.Tensor]:
@@ -133,6 +208,8 @@ def _check_step(blocks: Blocks, p: torch.Tensor, d) -> None:
                         f"floating point")
     if d.device != p.device:
         raise ValueError(f"update for {where} is on {d.device}, the parameter on {p.device}")
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"update for {where} holds inf or NaN; the probe decomposes a finite step")
     if not p.requires_grad:
         raise ValueError(f"{where} does not require grad: the probe differentiates the loss with respect to "
                          f"every parameter of the blocks; leave frozen parameters out of the blocks")

@@ -8,13 +8,13 @@ import torch
 
 from pyco.blocks import Blocks, by_group
 from pyco.probe._evaluation import BufferLog, rng_state, set_rng_state
-from pyco.probe.cross_terms import cross_terms
+from pyco.probe.cross_terms import _check_group, bypassing_ddp, cross_terms
 from pyco.probe.report import CrossTerms
 
 
 def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor], blocks=None, *,
            mode: str = "full", dtype: torch.dtype | None = None, alone: bool = True,
-           max_batch: int | None = None) -> CrossTerms:
+           max_batch: int | None = None, process_group=None) -> CrossTerms:
     """Takes one step ``optimizer.step(closure)`` and returns the :func:`cross_terms` decomposition of
     the step it took, Δ = θ_after − θ_before, at θ_before on the closure's batch.
 
@@ -35,6 +35,9 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
         blocks: the partition to report on (default: one block per param group, ``by_group``); it must
             cover every parameter of the optimizer exactly once.
         mode, dtype, alone, max_batch: as for :func:`cross_terms`.
+        process_group: as for :func:`cross_terms`: the report for the global batch. Under
+            ``DistributedDataParallel`` the closure may call the DDP model: the real step goes through it
+            (gradients all-reduced by DDP), and the probe's re-evaluations call its ``module`` directly.
 
     Example::
 
@@ -47,6 +50,13 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
         report = pyco.probe.record(opt, closure, pyco.blocks.by_module(model))
         print(report.table())
     """
+    _check_group(process_group)
+    if not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))):
+        raise TypeError(f"record: optimizer must be a torch.optim.Optimizer (or an order wrapping one), got "
+                        f"{type(optimizer).__name__}")
+    if not callable(closure):
+        raise TypeError(f"record: closure must be callable (it computes the loss and calls backward), got "
+                        f"{type(closure).__name__}")
     blocks = by_group(optimizer) if blocks is None else Blocks.of(blocks)
     blocks.check_covers([p for g in optimizer.param_groups for p in g["params"]])
     params = blocks.params()
@@ -62,8 +72,9 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
                 p.copy_(b)
         buffers.restore()
         set_rng_state(before_rng)
-        return cross_terms(CapturedLoss(closure), blocks, update, mode=mode, dtype=dtype, alone=alone,
-                           max_batch=max_batch)
+        with bypassing_ddp(buffers.modules):
+            return cross_terms(CapturedLoss(closure), blocks, update, mode=mode, dtype=dtype, alone=alone,
+                               max_batch=max_batch, process_group=process_group)
     finally:
         after.restore()
 

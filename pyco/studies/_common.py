@@ -147,10 +147,13 @@ class RunDir:
         return path
 
     def json(self, name: str, data) -> Path:
+        """Writes ``data`` as JSON, atomically: a run interrupted while writing leaves the previous file whole."""
         path = self.file(name)
-        with open(path, "w") as f:
+        partial = path.with_name(path.name + ".tmp")
+        with open(partial, "w") as f:
             json.dump(data, f, indent=2, default=_jsonable)
             f.write("\n")
+        os.replace(partial, path)
         return path
 
     def text(self, name: str, text: str) -> Path:
