@@ -7,6 +7,10 @@
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "../common.h"
@@ -33,20 +37,24 @@ struct Chunk {
 
 constexpr int kStatsBlock = 2048;  // elements buffered (in L1) between the update loop and the sums loop
 
-// Σ a·b over n elements of an L1-resident block: fixed lanes (lane = offset mod kLanes) in the arithmetic
-// type M, so the loop vectorizes without reassociating additions (4 independent AVX chains); the lanes
-// are then added in float64.
+// Lanes per statistic: lane l sums, in order, the products at offsets l, l + kLanes, l + 2·kLanes, ...
+// of a block, in the arithmetic type M; the lanes are then added in float64 in lane order. Fixed lanes let
+// the sums vectorize without reassociating additions, so every instruction set gives the same bits.
+template <typename M>
+constexpr int kLanes = 64 / sizeof(M);  // 16 floats (two AVX registers) or 8 doubles
+
+// Σ a·b over n elements of an L1-resident block, in lanes.
 template <typename M>
 inline double lane_dot(const M* __restrict a, const M* __restrict b, int n) {
-  constexpr int kLanes = 128 / sizeof(M);  // 32 floats or 16 doubles
-  M acc[kLanes] = {};
+  constexpr int L = kLanes<M>;
+  M acc[L] = {};
   int j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+  for (; j + L <= n; j += L) {
+    for (int l = 0; l < L; ++l) acc[l] += a[j + l] * b[j + l];
   }
   for (int l = 0; j < n; ++j, ++l) acc[l] += a[j] * b[j];
   double total = 0.0;
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  for (int l = 0; l < L; ++l) total += acc[l];
   return total;
 }
 
@@ -63,6 +71,47 @@ struct ChunkStats {
     total[kParamSq] += lane_dot(p, p, n);
   }
 };
+
+#if defined(__AVX2__)
+// float with AVX2: the same four lane sums in one pass over the block (two registers of 8 lanes per
+// statistic), the same operations in the same order as lane_dot: identical results, a third of the loads.
+template <>
+inline void ChunkStats<float>::add_block(const float* g, const float* u, const float* p, int n) {
+  static_assert(kLanes<float> == 16, "two AVX registers per statistic");
+  __m256 gg0 = _mm256_setzero_ps(), gg1 = gg0, uu0 = gg0, uu1 = gg0, gu0 = gg0, gu1 = gg0, pp0 = gg0, pp1 = gg0;
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 g0 = _mm256_loadu_ps(g + j), g1 = _mm256_loadu_ps(g + j + 8);
+    const __m256 u0 = _mm256_loadu_ps(u + j), u1 = _mm256_loadu_ps(u + j + 8);
+    const __m256 p0 = _mm256_loadu_ps(p + j), p1 = _mm256_loadu_ps(p + j + 8);
+    gg0 = _mm256_add_ps(gg0, _mm256_mul_ps(g0, g0));
+    gg1 = _mm256_add_ps(gg1, _mm256_mul_ps(g1, g1));
+    uu0 = _mm256_add_ps(uu0, _mm256_mul_ps(u0, u0));
+    uu1 = _mm256_add_ps(uu1, _mm256_mul_ps(u1, u1));
+    gu0 = _mm256_add_ps(gu0, _mm256_mul_ps(g0, u0));
+    gu1 = _mm256_add_ps(gu1, _mm256_mul_ps(g1, u1));
+    pp0 = _mm256_add_ps(pp0, _mm256_mul_ps(p0, p0));
+    pp1 = _mm256_add_ps(pp1, _mm256_mul_ps(p1, p1));
+  }
+  alignas(32) float acc[kNumStats][16];
+  const __m256 lanes[kNumStats][2] = {{gg0, gg1}, {uu0, uu1}, {gu0, gu1}, {pp0, pp1}};
+  for (int s = 0; s < kNumStats; ++s) {
+    _mm256_store_ps(acc[s], lanes[s][0]);
+    _mm256_store_ps(acc[s] + 8, lanes[s][1]);
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    acc[kGradSq][l] += g[j] * g[j];
+    acc[kUpdateSq][l] += u[j] * u[j];
+    acc[kGradDotUpdate][l] += g[j] * u[j];
+    acc[kParamSq][l] += p[j] * p[j];
+  }
+  for (int s = 0; s < kNumStats; ++s) {
+    double block = 0.0;
+    for (int l = 0; l < 16; ++l) block += acc[s][l];
+    total[s] += block;
+  }
+}
+#endif
 
 // Runs `elem(i)` for every i in [begin, end); `elem` updates element i and returns {g, u, p} of type M.
 // With kStats the chunk's statistics are written to partial[0..kNumStats). The update loop and the sums
