@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: naming the machine they ran on."""
+"""What the benchmark scripts share: naming the machine they ran on, printing and writing results."""
 
 from __future__ import annotations
 
+import json
 import platform
 
 
@@ -15,3 +16,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def report(result: dict, table: str, out: str | None) -> int:
+    """Prints the table and, given a path, writes the results as JSON there. Returns the exit status."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {out}")
+    return 0

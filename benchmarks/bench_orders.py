@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 import pyco
-from bench_common import cpu_name
+from bench_common import cpu_name, report
 
 TARGET_FROM_K = 8
 TARGETS = {"chain_vs_naive": 0.6, "top_vs_simultaneous": 0.6}
@@ -212,12 +211,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     result = run(args)
-    print(table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
-    return 0
+    return report(result, table(result), args.out)
 
 
 if __name__ == "__main__":

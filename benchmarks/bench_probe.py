@@ -26,7 +26,6 @@ subjects so that drift hits them alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyco
-from bench_common import cpu_name
+from bench_common import cpu_name, report
 from pyco.probe import block_dot
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -288,12 +287,7 @@ def main(argv=None) -> int:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 for a median")
     result = run(args)
-    print(table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
-    return 0
+    return report(result, table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ together: then one subject after another); medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -30,6 +29,7 @@ import time
 import torch
 
 import pyco
+from bench_common import cpu_name, report
 
 BYTES_PER_ELEMENT = {"adam": 28, "sgd": 20}  # fp32: Adam reads θ,g,m,v writes θ,m,v; SGD θ,g,b / θ,b
 
@@ -169,7 +169,7 @@ def run(args) -> dict:
     result = {
         "benchmark": "update",
         "device": args.device if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyco": pyco.info(),
@@ -221,17 +221,6 @@ def run(args) -> dict:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(result: dict) -> str:
     lines = [
         f"{result['device_name']} | {result['threads']} threads | torch {result['torch']} | "
@@ -274,12 +263,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     result = run(args)
-    print(table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
-    return 0
+    return report(result, table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ an L2 penalty λ/2·‖logits‖² instead of weight decay).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 import pyco
 from pyco.blocks import Blocks
-from pyco.studies._common import RunDir, accuracy, digits, fmt, layer_blocks, mlp, progress, pyplot
+from pyco.studies._common import RunDir, accuracy, digits, layer_blocks, mlp, progress, pyplot
 
 NAME = "dosage"
 QUESTION = "seed 003: which blocks and units receive the gradient dose, and does one feature starve another?"
@@ -213,7 +211,7 @@ def report(part1: dict, part2: list[dict]) -> str:
     numel = part1["block_numel"]
     total = sum(numel.values())
     top = max(shares, key=shares.get)
-    lines = [f"# Gradient dosage (seed 003)\n",
+    lines = ["# Gradient dosage (seed 003)\n",
              f"Digits MLP ({part1['config']['depth']}×{part1['config']['width']}, {part1['config']['steps']} steps "
              f"of {part1['config']['optimizer']}, test accuracy {part1['test_accuracy']:.1%}):\n"]
     for name, share in shares.items():

@@ -158,7 +158,7 @@ def figures(rows: list[dict], out: RunDir) -> None:
 
 
 def report(rows: list[dict], depth: int, width: int, steps: int) -> str:
-    lines = [f"# Feature drift and gradient shift (seed 001)\n",
+    lines = ["# Feature drift and gradient shift (seed 001)\n",
              f"MLPs with {depth} hidden layers of {width} units on digits; one plain gradient step Δ = −η·g on a fixed "
              f"batch, measured at initialization and after {steps} training steps.\n"]
     trained = [r for r in rows if r["phase"] == "trained"]
