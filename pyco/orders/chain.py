@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from pyco import blocks as _blocks
 from pyco.orders._replay import BufferReplay, RandomState
-from pyco.orders.gauss_seidel import GaussSeidel, Rollback, combine_stats
+from pyco.orders.gauss_seidel import GaussSeidel, Rollback, Sweep, combine_stats
 from pyco.stats import BlockStats
 
 
@@ -92,30 +92,17 @@ class ChainGaussSeidel(GaussSeidel):
         if callable(input) and not isinstance(input, torch.Tensor):
             raise TypeError("ChainGaussSeidel.step takes the batch (input, target), not a closure; use "
                             "GaussSeidel for closures")
-        undo = Rollback(self)
-        order = self._next_sweep()
-        before = RandomState()
         cache = _EntryCache(input)
-        after = None
         rows: dict[int, BlockStats | None] = {}
-        self._buffers.begin()
-        try:
+        with Sweep(self) as sweep:  # snapshots the sweep generator too: take it before drawing the order
+            order = self._next_sweep()
             loss = self._loss_from(cache, 0, target)
-            after = RandomState()
-            self._buffers.first_done()
-            self._update(order[0], loss, rows, undo)
+            sweep.first_evaluation_done()
+            self._update(order[0], loss, rows, sweep.undo)
             for previous, b in zip(order, order[1:]):
                 start = self._restart_child(b, previous)
                 self._buffers.replay(start)
-                self._update(b, self._loss_from(cache, start, target), rows, undo)
-        except BaseException:
-            after = None
-            undo.restore(before)
-            raise
-        finally:
-            if after is not None:
-                after.restore()
-            self._buffers.finish()
+                self._update(b, self._loss_from(cache, start, target), rows, sweep.undo)
         self.last_stats = combine_stats(self.blocks.names, rows)
         self.steps += 1
         return loss.detach()

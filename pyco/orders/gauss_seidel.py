@@ -110,34 +110,22 @@ class GaussSeidel(OrderWrapper):
                 "batch after the blocks before it moved. Pass one, e.g. "
                 "def closure(): loss = loss_fn(model(x), y); loss.backward(); return loss; opt.step(closure)"
             )
-        undo = Rollback(self)
-        order = self._next_sweep()
-        before = RandomState()
-        after = None
         used: dict[int, list] = {}
         rows: dict[int, BlockStats | None] = {}
-        self._buffers.begin()
-        try:
+        with Sweep(self) as sweep:  # snapshots the sweep generator too: take it before drawing the order
+            order = self._next_sweep()
             for j, b in enumerate(order):
                 if j > 0:  # the same batch: same random draws, same buffers as the first evaluation saw
-                    before.restore()
+                    sweep.before.restore()
                     self._buffers.replay()
                 self.optimizer.zero_grad(set_to_none=True)
                 value = evaluate(closure, f"{type(self).__name__}.step (block {self.blocks.names[b]!r})")
                 if j == 0:
-                    loss, after = value, RandomState()
-                    self._buffers.first_done()
+                    loss = value
+                    sweep.first_evaluation_done()
                 used[b] = [p.grad for p in self._block_params(b)]
-                undo.before_update(self._block_params(b))
+                sweep.undo.before_update(self._block_params(b))
                 rows[b] = self._step_blocks([b])
-        except BaseException:
-            after = None
-            undo.restore(before)
-            raise
-        finally:
-            if after is not None:
-                after.restore()
-            self._buffers.finish()
         self._restore_used_grads(used)
         self.last_stats = combine_stats(self.blocks.names, rows)
         self.steps += 1
@@ -190,6 +178,38 @@ def combine_stats(names: tuple[str, ...], rows: dict[int, BlockStats | None]) ->
         values, skipped = values + r.values, skipped | r.skipped  # device tensors stay there: no host sync
         skipped_blocks.update(r.skipped_blocks)
     return BlockStats(names, values, skipped, tuple(n for n in names if n in skipped_blocks))
+
+
+class Sweep:
+    """One sweep as a transaction: the random state at entry (``before``) is what every recomputation replays;
+    after the first evaluation the state it left is recorded and restored at exit, so the generators end as
+    one plain evaluation leaves them. If the sweep raises, parameters, optimizer state, gradients, buffers and
+    random state go back to their values at entry (``undo``) and the exception propagates."""
+
+    def __init__(self, wrapper: "GaussSeidel"):
+        self.wrapper = wrapper
+        self.undo = Rollback(wrapper)
+        self.before = RandomState()
+        self.after: RandomState | None = None
+
+    def first_evaluation_done(self) -> None:
+        self.after = RandomState()
+        self.wrapper._buffers.first_done()
+
+    def __enter__(self) -> "Sweep":
+        self.wrapper._buffers.begin()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is not None:
+                self.after = None
+                self.undo.restore(self.before)
+        finally:
+            if self.after is not None:
+                self.after.restore()
+            self.wrapper._buffers.finish()
+        return False
 
 
 class Rollback:
