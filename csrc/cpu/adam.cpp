@@ -36,7 +36,7 @@ void adam_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* parti
   const M eps = static_cast<M>(h.eps);
   const M step_size = static_cast<M>(bc.step_size), bc2_sqrt = static_cast<M>(bc.bc2_sqrt);
 
-  for_each_element<kStats, M>(begin, end, partial, [=](int64_t i) {
+  const auto elem = [=](int64_t i) {
     const M p = St::load(param, i);
     const M g = load_grad<kUnscale>(grad, i, inv_scale);
     M d = sign * g;
@@ -59,7 +59,12 @@ void adam_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* parti
     p_new = p_new - step_size * (m / denom);
     St::store(param, i, p_new);
     return ElemStats<M>{g, as_stored<S>(p_new) - p, p};
-  });
+  };
+  if constexpr (kAmsgrad) {
+    for_each_element<kStats, M>(begin, end, partial, elem, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq);
+  } else {
+    for_each_element<kStats, M>(begin, end, partial, elem, param, grad, exp_avg, exp_avg_sq);
+  }
 }
 
 double increment_step(const TensorRecord& t) {

@@ -35,9 +35,4 @@ inline M load_grad(S* grad, int64_t i, M inv_scale) {
   return g;
 }
 
-template <typename M>
-struct ElemStats {
-  M g, u, p;
-};
-
 }  // namespace pyco::cpu

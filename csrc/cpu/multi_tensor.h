@@ -8,9 +8,6 @@
 #include <atomic>
 #include <type_traits>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 #include <vector>
 
 #include "../common.h"
@@ -35,109 +32,90 @@ struct Chunk {
   int64_t end;
 };
 
-constexpr int kStatsBlock = 2048;  // elements buffered (in L1) between the update loop and the sums loop
+// Per-block statistics, summed in the update loop itself. Lane l of a statistic sums, in order, the products
+// at offsets l, l + kLanes, l + 2·kLanes, ... of a block of kStatsBlock elements, in the arithmetic type M;
+// at the end of the block the lanes are added in float64 in lane order, and the block into the chunk's
+// total. Fixed lanes let the sums vectorize (the lanes live in registers) without reassociating additions,
+// so every instruction set gives the same bits.
+constexpr int kStatsBlock = 2048;
 
-// Lanes per statistic: lane l sums, in order, the products at offsets l, l + kLanes, l + 2·kLanes, ...
-// of a block, in the arithmetic type M; the lanes are then added in float64 in lane order. Fixed lanes let
-// the sums vectorize without reassociating additions, so every instruction set gives the same bits.
 template <typename M>
 constexpr int kLanes = 64 / sizeof(M);  // 16 floats (two AVX registers) or 8 doubles
 
-// Σ a·b over n elements of an L1-resident block, in lanes.
+// What a rule's element function returns for the statistics: the gradient g, the update as stored u and
+// the parameter before the step p, in the arithmetic type M.
 template <typename M>
-inline double lane_dot(const M* __restrict a, const M* __restrict b, int n) {
-  constexpr int L = kLanes<M>;
-  M acc[L] = {};
-  int j = 0;
-  for (; j + L <= n; j += L) {
-    for (int l = 0; l < L; ++l) acc[l] += a[j + l] * b[j + l];
+struct ElemStats {
+  M g, u, p;
+};
+
+template <typename M>
+struct LaneSums {
+  M gg[kLanes<M>] = {}, uu[kLanes<M>] = {}, gu[kLanes<M>] = {}, pp[kLanes<M>] = {};
+
+  void add(int l, const ElemStats<M>& r) {
+    gg[l] += r.g * r.g;
+    uu[l] += r.u * r.u;
+    gu[l] += r.g * r.u;
+    pp[l] += r.p * r.p;
   }
-  for (int l = 0; j < n; ++j, ++l) acc[l] += a[j] * b[j];
-  double total = 0.0;
-  for (int l = 0; l < L; ++l) total += acc[l];
-  return total;
-}
 
-// The four statistics of one chunk, summed block by block into float64 totals in a fixed order:
-// nothing depends on the thread that runs the chunk.
-template <typename M>
-struct ChunkStats {
-  double total[kNumStats] = {};
-
-  void add_block(const M* g, const M* u, const M* p, int n) {
-    total[kGradSq] += lane_dot(g, g, n);
-    total[kUpdateSq] += lane_dot(u, u, n);
-    total[kGradDotUpdate] += lane_dot(g, u, n);
-    total[kParamSq] += lane_dot(p, p, n);
+  void add_to(double* total) const {
+    const M* lanes[kNumStats] = {gg, uu, gu, pp};  // the order of kGradSq, kUpdateSq, kGradDotUpdate, kParamSq
+    for (int k = 0; k < kNumStats; ++k) {
+      double block = 0.0;
+      for (int l = 0; l < kLanes<M>; ++l) block += lanes[k][l];
+      total[k] += block;
+    }
   }
 };
 
-#if defined(__AVX2__)
-// float with AVX2: the same four lane sums in one pass over the block (two registers of 8 lanes per
-// statistic), the same operations in the same order as lane_dot: identical results, a third of the loads.
-template <>
-inline void ChunkStats<float>::add_block(const float* g, const float* u, const float* p, int n) {
-  static_assert(kLanes<float> == 16, "two AVX registers per statistic");
-  __m256 gg0 = _mm256_setzero_ps(), gg1 = gg0, uu0 = gg0, uu1 = gg0, gu0 = gg0, gu1 = gg0, pp0 = gg0, pp1 = gg0;
-  int j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256 g0 = _mm256_loadu_ps(g + j), g1 = _mm256_loadu_ps(g + j + 8);
-    const __m256 u0 = _mm256_loadu_ps(u + j), u1 = _mm256_loadu_ps(u + j + 8);
-    const __m256 p0 = _mm256_loadu_ps(p + j), p1 = _mm256_loadu_ps(p + j + 8);
-    gg0 = _mm256_add_ps(gg0, _mm256_mul_ps(g0, g0));
-    gg1 = _mm256_add_ps(gg1, _mm256_mul_ps(g1, g1));
-    uu0 = _mm256_add_ps(uu0, _mm256_mul_ps(u0, u0));
-    uu1 = _mm256_add_ps(uu1, _mm256_mul_ps(u1, u1));
-    gu0 = _mm256_add_ps(gu0, _mm256_mul_ps(g0, u0));
-    gu1 = _mm256_add_ps(gu1, _mm256_mul_ps(g1, u1));
-    pp0 = _mm256_add_ps(pp0, _mm256_mul_ps(p0, p0));
-    pp1 = _mm256_add_ps(pp1, _mm256_mul_ps(p1, p1));
-  }
-  alignas(32) float acc[kNumStats][16];
-  const __m256 lanes[kNumStats][2] = {{gg0, gg1}, {uu0, uu1}, {gu0, gu1}, {pp0, pp1}};
-  for (int s = 0; s < kNumStats; ++s) {
-    _mm256_store_ps(acc[s], lanes[s][0]);
-    _mm256_store_ps(acc[s] + 8, lanes[s][1]);
-  }
-  for (int l = 0; j < n; ++j, ++l) {
-    acc[kGradSq][l] += g[j] * g[j];
-    acc[kUpdateSq][l] += u[j] * u[j];
-    acc[kGradDotUpdate][l] += g[j] * u[j];
-    acc[kParamSq][l] += p[j] * p[j];
-  }
-  for (int s = 0; s < kNumStats; ++s) {
-    double block = 0.0;
-    for (int l = 0; l < 16; ++l) block += acc[s][l];
-    total[s] += block;
-  }
-}
+// Software prefetch distance. The hardware prefetchers stop at every 4 KiB page, and an update loop has
+// four to seven streams; asking for each stream's line kPrefetchBytes ahead keeps enough loads in flight
+// for one core to approach the memory bandwidth (measured on a 2-core Xeon: −10% time for the SGD loop,
+// −20% with statistics). A prefetch never faults, so running past a tensor's end is harmless.
+constexpr int64_t kPrefetchBytes = 2048;
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PYCO_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define PYCO_PREFETCH(address) ((void)(address))
 #endif
 
 // Runs `elem(i)` for every i in [begin, end); `elem` updates element i and returns {g, u, p} of type M.
-// With kStats the chunk's statistics are written to partial[0..kNumStats). The update loop and the sums
-// loop are kept apart (through small L1 buffers) so that each one vectorizes. `elem` is taken by value:
-// a local closure cannot alias the tensors, so its constants stay in registers.
-template <bool kStats, typename M, typename Elem>
-inline void for_each_element(int64_t begin, int64_t end, double* partial, Elem elem) {
+// `streams` are the tensors elem reads (and writes): each one's line kPrefetchBytes ahead is prefetched
+// once per group of kLanes elements. With kStats the chunk's statistics are written to
+// partial[0..kNumStats), summed in the same pass: the inner loop over one group of lanes vectorizes with
+// the lane sums held in registers. `elem` is taken by value: a local closure cannot alias the tensors, so
+// its constants stay in registers. (The prefetches are written out here, not in a helper function: GCC
+// deems a function that only prefetches free of effects and drops calls to it.)
+template <bool kStats, typename M, typename Elem, typename... T>
+inline void for_each_element(int64_t begin, int64_t end, double* partial, Elem elem, const T*... streams) {
+  constexpr int L = kLanes<M>;
   // The buffers of one record never alias (distinct tensors), which the compiler cannot prove: ivdep.
   if constexpr (!kStats) {
-    PYCO_IVDEP
-    for (int64_t i = begin; i < end; ++i) elem(i);
+    int64_t i = begin;
+    for (; i + L <= end; i += L) {
+      (PYCO_PREFETCH(streams + i + kPrefetchBytes / static_cast<int64_t>(sizeof(T))), ...);
+      PYCO_IVDEP
+      for (int l = 0; l < L; ++l) elem(i + l);
+    }
+    for (; i < end; ++i) elem(i);
   } else {
-    ChunkStats<M> stats;
-    alignas(64) M gb[kStatsBlock], ub[kStatsBlock], pb[kStatsBlock];  // 24 KiB (float), 48 KiB (double)
+    double total[kNumStats] = {};
     for (int64_t s = begin; s < end; s += kStatsBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kStatsBlock, end - s));
-      PYCO_IVDEP
-      for (int j = 0; j < n; ++j) {
-        const auto r = elem(s + j);
-        gb[j] = r.g;
-        ub[j] = r.u;
-        pb[j] = r.p;
+      LaneSums<M> sums;
+      int j = 0;
+      for (; j + L <= n; j += L) {
+        (PYCO_PREFETCH(streams + s + j + kPrefetchBytes / static_cast<int64_t>(sizeof(T))), ...);
+        PYCO_IVDEP
+        for (int l = 0; l < L; ++l) sums.add(l, elem(s + j + l));
       }
-      stats.add_block(gb, ub, pb, n);
+      for (int l = 0; j < n; ++j, ++l) sums.add(l, elem(s + j));
+      sums.add_to(total);
     }
-    for (int s = 0; s < kNumStats; ++s) partial[s] = stats.total[s];
+    for (int k = 0; k < kNumStats; ++k) partial[k] = total[k];
   }
 }
 

@@ -23,7 +23,7 @@ void sgd_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* partia
   const M keep = fresh ? M(0) : mu;
   const M take = fresh ? M(1) : static_cast<M>(1.0 - h.dampening);
 
-  for_each_element<kStats, M>(begin, end, partial, [=](int64_t i) {
+  const auto elem = [=](int64_t i) {
     const M p = St::load(param, i);
     const M g = load_grad<kUnscale>(grad, i, inv_scale);
     M d = sign * g;
@@ -40,7 +40,12 @@ void sgd_chunk(const TensorRecord& t, int64_t begin, int64_t end, double* partia
     const M p_new = p - lr * d;
     St::store(param, i, p_new);
     return ElemStats<M>{g, as_stored<S>(p_new) - p, p};
-  });
+  };
+  if constexpr (kMomentum) {
+    for_each_element<kStats, M>(begin, end, partial, elem, param, grad, buf);
+  } else {
+    for_each_element<kStats, M>(begin, end, partial, elem, param, grad);
+  }
 }
 
 }  // namespace
