@@ -33,25 +33,41 @@ class Table:
     """
 
     def __init__(self) -> None:
-        self.records = array("q")
+        self._fields: list[int] = []  # kRecordFields ints per tensor, packed into array('q') by `records`
+        self._records: array | None = None
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (original, working copy)
         self.keep: list[torch.Tensor] = []  # views and copies that must outlive the launch
 
     def add(self, param, grad, states, *, step=None, group=0, block=0, flags=0) -> None:
         """states: a tuple of up to three tensors shaped like param (None for unused slots)."""
-        s0, s1, s2 = states + (None,) * (3 - len(states))
-        if (param.is_complex() or not param.is_contiguous() or not grad.is_contiguous()
+        # Called once per tensor per step: the common case (real dtype, everything contiguous) is kept to a
+        # few attribute reads and no temporary containers.
+        n = len(states)
+        s0 = states[0] if n > 0 else None
+        s1 = states[1] if n > 1 else None
+        s2 = states[2] if n > 2 else None
+        code = DTYPE_CODES.get(param.dtype)
+        if (code is None or not param.is_contiguous() or not grad.is_contiguous()
                 or (s0 is not None and not s0.is_contiguous()) or (s1 is not None and not s1.is_contiguous())
                 or (s2 is not None and not s2.is_contiguous())):
             param, grad, (s0, s1, s2) = self._flat_views(param, grad, (s0, s1, s2))
-        codes = DTYPE_CODES[param.dtype] | (flags << 16)
+            code = DTYPE_CODES[param.dtype]
+        codes = code | (flags << 16)
         if step is not None:
             codes |= DTYPE_CODES[step.dtype] << 8
-        self.records.extend((
+        self._records = None
+        self._fields += (
             param.data_ptr(), grad.data_ptr(),
             0 if s0 is None else s0.data_ptr(), 0 if s1 is None else s1.data_ptr(), 0 if s2 is None else s2.data_ptr(),
             0 if step is None else step.data_ptr(), param.numel(), codes, group, block,
-        ))
+        )
+
+    @property
+    def records(self) -> array:
+        """The table as one contiguous int64 buffer (what the kernels read)."""
+        if self._records is None:
+            self._records = array("q", self._fields)
+        return self._records
 
     def _flat_views(self, param, grad, states):
         """Complex tensors as real pairs; layouts the kernel cannot read as one flat array as copies."""
@@ -75,7 +91,7 @@ class Table:
             original.copy_(copy)
 
     def __len__(self) -> int:
-        return len(self.records) // _C.RECORD_FIELDS
+        return len(self._fields) // _C.RECORD_FIELDS
 
 
 def grads_all_finite(grads: list[torch.Tensor], num_threads: int) -> bool:
