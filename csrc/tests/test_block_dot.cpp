@@ -9,25 +9,14 @@
 #include <vector>
 
 #include "kernels.h"
+#include "tests/check.h"
 
 using namespace pyco;
+using pyco::test::report;
 
 namespace {
 
-int g_failed = 0;
 std::mt19937_64 g_rng(0xb10cULL);
-
-void report(const std::string& name, bool ok) {
-  std::printf("%-72s %s\n", name.c_str(), ok ? "PASS" : "FAIL");
-  std::fflush(stdout);
-  if (!ok) ++g_failed;
-}
-
-void report(const std::string& name, double worst) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, " (worst %.2g of tol)", worst);
-  report(name + buf, worst <= 1.0);
-}
 
 template <typename S>
 std::vector<S> random_values(int64_t n) {
@@ -178,6 +167,5 @@ int main() {
   test_determinism();
   test_empty();
   test_errors();
-  std::printf("%s: %d test(s) failed\n", g_failed ? "FAILED" : "OK", g_failed);
-  return g_failed ? 1 : 0;
+  return pyco::test::finish();
 }

@@ -12,19 +12,15 @@
 
 #include "cuda/element.cuh"
 #include "kernels.h"
+#include "tests/check.h"
 
 using namespace pyco;
+using pyco::test::report;
 using namespace pyco::cuda;
 
 namespace {
 
-int g_failed = 0;
 std::mt19937_64 g_rng(0xc0daULL);
-
-void report(const std::string& name, bool ok) {
-  std::printf("%-78s %s\n", name.c_str(), ok ? "PASS" : "FAIL");
-  if (!ok) ++g_failed;
-}
 
 int64_t elem_size(int32_t dt) { return dt == kF64 ? 8 : dt == kF32 ? 4 : 2; }
 
@@ -261,6 +257,5 @@ int main() {
   test_plan();
   test_amsgrad_nan_propagates();
   test_rules();
-  std::printf("%d failed\n", g_failed);
-  return g_failed;
+  return pyco::test::finish();
 }

@@ -11,27 +11,15 @@
 #include <vector>
 
 #include "kernels.h"
+#include "tests/check.h"
 
 using namespace pyco;
+using pyco::test::report;
 
 namespace {
 
-int g_failed = 0;
 std::mt19937_64 g_rng(0x5eedULL);
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-void report(const std::string& name, bool ok) {
-  std::printf("%-66s %s\n", name.c_str(), ok ? "PASS" : "FAIL");
-  std::fflush(stdout);
-  if (!ok) ++g_failed;
-}
-
-// For numeric checks: `worst` is the largest error as a fraction of the allowed one.
-void report(const std::string& name, double worst) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, " (worst %.2g of tol)", worst);
-  report(name + buf, worst <= 1.0);
-}
 
 // ---- buffers, tensors, reference state ----
 
@@ -562,6 +550,5 @@ int main() {
   test_grads_all_finite();
   test_errors();
   test_conversions();
-  std::printf("%s: %d test(s) failed\n", g_failed ? "FAILED" : "OK", g_failed);
-  return g_failed ? 1 : 0;
+  return pyco::test::finish();
 }
