@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 
@@ -16,6 +17,41 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine(device) -> dict:
+    """What every result file starts with: the device the run used, its name, torch's threads and versions."""
+    import torch
+
+    import pyco
+
+    device = torch.device(device)
+    return {
+        "device": str(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "pyco": pyco.info(),
+    }
+
+
+def parse(doc: str, add_arguments, argv, *, count: str, quick: dict) -> argparse.Namespace:
+    """Parses a benchmark's command line: ``--quick`` sets the attributes in ``quick``; the attribute named
+    ``count`` (timed steps or rounds per subject) must be at least 3, for a median."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    if getattr(args, count) < 3:
+        parser.error(f"--{count} must be at least 3 for a median")
+    if getattr(args, "device", "cpu").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is available")
+    return args
 
 
 def report(result: dict, table: str, out: str | None) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 import pyco
-from bench_common import cpu_name, report
+from bench_common import machine, parse, report
 
 TARGET_FROM_K = 8
 TARGETS = {"chain_vs_naive": 0.6, "top_vs_simultaneous": 0.6}
@@ -136,11 +135,7 @@ def run(args) -> dict:
         args.optimizer = "torch"  # this build of pyco has CPU kernels only
     result = {
         "benchmark": "orders",
-        "device": args.device if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyco": pyco.info(),
+        **machine(device),
         "optimizer": f"{args.optimizer} SGD(lr=1e-3, momentum=0.9)",
         "width": args.width,
         "batch": args.batch,
@@ -199,15 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats = 5
-    if args.repeats < 3:
-        parser.error("--repeats must be at least 3 for a median")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args = parse(__doc__, add_arguments, argv, count="repeats", quick={"repeats": 5})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     result = run(args)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyco
-from bench_common import cpu_name, report
+from bench_common import machine, parse, report
 from pyco.probe import block_dot
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -225,14 +224,10 @@ def time_case(model, x, y, k: int, rounds: int, curv: bool) -> dict:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    curv = have_curvlinops() and not args.no_curvlinops
+    curv = not args.no_curvlinops and have_curvlinops()
     result = {
         "benchmark": "probe",
-        "device": f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyco": pyco.info(),
+        **machine("cpu"),
         "curvlinops": _curvlinops_version() if curv else None,
         "rounds": args.rounds,
         "cases": {},
@@ -279,13 +274,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.ks, args.rounds = [4, 16], 3
-    if args.rounds < 3:
-        parser.error("--rounds must be at least 3 for a median")
+    args = parse(__doc__, add_arguments, argv, count="rounds", quick={"ks": [4, 16], "rounds": 3})
     result = run(args)
     return report(result, table(result), args.out)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import time
 import torch
 
 import pyco
-from bench_common import cpu_name, report
+from bench_common import machine, parse, report
 
 BYTES_PER_ELEMENT = {"adam": 28, "sgd": 20}  # fp32: Adam reads θ,g,m,v writes θ,m,v; SGD θ,g,b / θ,b
 
@@ -168,11 +167,7 @@ def run(args) -> dict:
     numel = sum(math.prod(s) for s in shapes)
     result = {
         "benchmark": "update",
-        "device": args.device if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "pyco": pyco.info(),
+        **machine(device),
         "shapes": args.shapes,
         "tensors": len(shapes),
         "elements": numel,
@@ -255,13 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.repeats < 3:
-        parser.error("--repeats must be at least 3 for a median")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args = parse(__doc__, add_arguments, argv, count="repeats", quick={})  # --quick: smaller shapes
     result = run(args)
     return report(result, table(result), args.out)
 
