@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from _orders_common import make_closure
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pyco
@@ -61,16 +62,6 @@ def batches(world: int, rank: int, step: int):
     return x[part], y[part], x, y
 
 
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def close(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
@@ -107,8 +98,8 @@ def check_orders(rank: int, world: int) -> None:
             ref_opt, opt = wrap(ref_opt, pyco.blocks.by_module(ref)), wrap(opt, pyco.blocks.by_module(ddp))
         for step in range(STEPS):
             x, y, gx, gy = batches(world, rank, step)
-            loss = opt.step(closure_for(opt, ddp, x, y))
-            ref_loss = ref_opt.step(closure_for(ref_opt, ref, gx, gy))
+            loss = opt.step(make_closure(ddp, x, y))
+            ref_loss = ref_opt.step(make_closure(ref, gx, gy))
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             close(mean_loss / world, ref_loss.detach(), f"{name}: loss at step {step}")
@@ -151,7 +142,7 @@ def check_block_coordinate_refuses_ddp_without_unused(rank: int, world: int) -> 
     before = [p.detach().clone() for p in model.parameters()]
     x, y, _, _ = batches(world, rank, 0)
     try:
-        opt.step(closure_for(opt, ddp, x, y))
+        opt.step(make_closure(ddp, x, y))
     except ValueError as exc:
         assert "find_unused_parameters=True" in str(exc), exc
     else:
@@ -191,14 +182,14 @@ def check_probe(rank: int, world: int) -> None:
     # record: the real step goes through DDP, the probe through its module; every rank gets the global report
     ref_opt = pyco.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt = pyco.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    expected = pyco.probe.record(ref_opt, closure_for(ref_opt, ref, gx, gy), pyco.blocks.by_module(ref))
-    got = pyco.probe.record(opt, closure_for(opt, ddp, x, y), pyco.blocks.by_module(ddp), process_group=group)
+    expected = pyco.probe.record(ref_opt, make_closure(ref, gx, gy), pyco.blocks.by_module(ref))
+    got = pyco.probe.record(opt, make_closure(ddp, x, y), pyco.blocks.by_module(ddp), process_group=group)
     compare_reports(got, expected, "record")
     same_params(model, ref, "record: the step")
     # DDP still works afterwards (the bypass is gone)
     assert "forward" not in ddp.__dict__
-    opt.step(closure_for(opt, ddp, x, y))
-    ref_opt.step(closure_for(ref_opt, ref, gx, gy))
+    opt.step(make_closure(ddp, x, y))
+    ref_opt.step(make_closure(ref, gx, gy))
     same_params(model, ref, "a step after record")
 
 

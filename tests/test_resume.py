@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from _orders_common import batch, mlp
+from _orders_common import batch, make_closure, mlp
 from torch import nn
 
 import pyco
@@ -26,13 +26,7 @@ RULES = {
 
 
 def closure_step(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return opt.step(closure)
+    return opt.step(make_closure(model, x, y))
 
 
 def bc(schedule, **kw):
