@@ -85,6 +85,15 @@ PYBIND11_MODULE(_C, m) {
       "True when every gradient in the table is finite.");
 
   m.def(
+      "stream_add",
+      [](uintptr_t a, uintptr_t b, int64_t n, int num_threads) {
+        py::gil_scoped_release release;
+        cpu::stream_add(reinterpret_cast<float*>(a), reinterpret_cast<const float*>(b), n, std::max(1, num_threads));
+      },
+      py::arg("a"), py::arg("b"), py::arg("n"), py::kw_only(), py::arg("num_threads") = 1,
+      "a[i] += b[i] over two contiguous float32 buffers (addresses): the benchmarks' memory-bandwidth probe.");
+
+  m.def(
       "block_dot",
       [](uintptr_t rows, uintptr_t delta, int32_t dtype, int64_t num_rows, uintptr_t offsets, int64_t num_blocks,
          uintptr_t out, int num_threads) {

@@ -28,6 +28,9 @@ bool grads_all_finite(const TensorRecord* recs, int64_t n, int num_threads);
 void block_dot(const void* rows, const void* delta, int32_t dtype, int64_t num_rows, const int64_t* offsets,
                int64_t num_blocks, double* out, int num_threads);
 
+// a[i] += b[i] for i < n (float32), streamed like the update kernels: the benchmarks' bandwidth probe.
+void stream_add(float* a, const float* b, int64_t n, int num_threads);
+
 // The instruction set the kernels above run with on this processor ("avx2" or "baseline").
 const char* kernel_isa();
 

@@ -47,4 +47,9 @@ void block_dot(const void* rows, const void* delta, int32_t dtype, int64_t num_r
   isa::block_dot(rows, delta, dtype, num_rows, offsets, num_blocks, out, threads);
 }
 
+void stream_add(float* a, const float* b, int64_t n, int threads) {
+  require_isa();
+  isa::stream_add(a, b, n, threads);
+}
+
 }  // namespace pyco::cpu

@@ -18,6 +18,7 @@ namespace pyco::cpu {
   void adam_step(const TensorRecord*, int64_t, const AdamHyper*, int64_t, const LaunchOptions&);           \
   bool grads_all_finite(const TensorRecord*, int64_t, int);                                                \
   void block_dot(const void*, const void*, int32_t, int64_t, const int64_t*, int64_t, double*, int);         \
+  void stream_add(float*, const float*, int64_t, int);                                                     \
   }
 
 PYCO_DECLARE_KERNELS(baseline)

@@ -433,6 +433,29 @@ void test_grads_all_finite() {
   }
 }
 
+// The bandwidth probe: a += b exactly (one float addition per element), every size and thread count.
+void test_stream_add() {
+  bool ok = true;
+  for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{3}, int64_t{15}, int64_t{17}, int64_t{4097}, int64_t{278011}}) {
+    for (int threads : {1, 3}) {
+      std::normal_distribution<float> normal;
+      std::vector<float> a(n), b(n);
+      for (int64_t i = 0; i < n; ++i) a[i] = normal(g_rng), b[i] = normal(g_rng);
+      std::vector<float> expected(n);
+      for (int64_t i = 0; i < n; ++i) expected[i] = a[i] + b[i];
+      cpu::stream_add(a.data(), b.data(), n, threads);
+      ok = ok && std::memcmp(a.data(), expected.data(), n * sizeof(float)) == 0;
+    }
+  }
+  bool threw = false;
+  try {
+    cpu::stream_add(nullptr, nullptr, -1, 1);
+  } catch (const KernelError&) {
+    threw = true;
+  }
+  report("stream_add: a += b bitwise, sizes 0..278011, 1 and 3 threads; negative length rejected", ok && threw);
+}
+
 using Breaker = void (*)(TensorRecord&);
 
 // Breaks the second record of a valid two-tensor table: the call must throw KernelError and change nothing.
@@ -548,6 +571,7 @@ int main() {
   test_determinism();
   test_grad_scale();
   test_grads_all_finite();
+  test_stream_add();
   test_errors();
   test_conversions();
   return pyco::test::finish();
