@@ -37,7 +37,8 @@ def machine(device) -> dict:
 
 def parse(doc: str, add_arguments, argv, *, count: str, quick: dict) -> argparse.Namespace:
     """Parses a benchmark's command line: ``--quick`` sets the attributes in ``quick``; the attribute named
-    ``count`` (timed steps or rounds per subject) must be at least 3, for a median."""
+    ``count`` (timed steps or rounds per subject) must be at least 3, for a median; ``--threads``, where the
+    script has it, is handed to torch.set_num_threads."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -46,11 +47,12 @@ def parse(doc: str, add_arguments, argv, *, count: str, quick: dict) -> argparse
             setattr(args, name, value)
     if getattr(args, count) < 3:
         parser.error(f"--{count} must be at least 3 for a median")
-    if getattr(args, "device", "cpu").startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available")
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     return args
 
 

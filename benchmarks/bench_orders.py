@@ -195,8 +195,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     args = parse(__doc__, add_arguments, argv, count="repeats", quick={"repeats": 5})
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     result = run(args)
     return report(result, table(result), args.out)
 

@@ -223,7 +223,6 @@ def time_case(model, x, y, k: int, rounds: int, curv: bool) -> dict:
 
 
 def run(args) -> dict:
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     curv = not args.no_curvlinops and have_curvlinops()
     result = {
         "benchmark": "probe",

@@ -264,6 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformer layers, or many small tensors (--tensors of --tensor-numel elements)")
     parser.add_argument("--tensors", type=int, default=2000, help="--shapes small: how many (default 2000)")
     parser.add_argument("--tensor-numel", type=int, default=4096, help="--shapes small: elements each (default 4096)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads, which pyco follows (default: torch's choice)")
     parser.add_argument("--out", help="write the results as JSON to this path")
 
 
