@@ -75,6 +75,21 @@ def run_side_by_side(opt_a, params_a, opt_b, params_b, steps: int, seed: int = 0
             each_step(step)
 
 
+def run_with_float64_twin(kind: str, hyper: dict, opt_ours, ours, opt_theirs, theirs, steps: int, seed: int):
+    """Steps pyco's and torch's optimizers on the same random gradients, and beside them torch's for-loop
+    ``kind`` on float64 copies of ``ours`` fed the same (rounded) gradients; returns the float64 copies."""
+    wide = [torch.nn.Parameter(p.detach().double()) for p in ours]
+    opt_wide = getattr(torch.optim, kind)(wide, foreach=False, **hyper)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        set_grads([ours, theirs], step, gen)
+        for w, p in zip(wide, ours):
+            w.grad = p.grad.double()
+        for opt in (opt_ours, opt_theirs, opt_wide):
+            opt.step()
+    return wide
+
+
 def assert_close_report(actual, expected, rtol: float, atol: float, what: str = "", equal_nan=False) -> None:
     """torch.testing.assert_close, with the worst element (index, values, error, allowance) in the message."""
     if not isinstance(actual, torch.Tensor):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import (TOL, assert_close_report, assert_state_match, grad_like, make_params, run_side_by_side,
-                      set_grads, tensors_equal)
+                      run_with_float64_twin, set_grads, tensors_equal)
 from test_parity import CONFIGS, HALF_CASES, STEPS, build, config_id
 from test_stats import assert_stats_close
 
@@ -120,19 +120,11 @@ def test_reduced_precision_parameters(dtype, kind, hyper):
     fused CUDA Adam; every rule close to a float64 run on the same gradients."""
     shapes = [(4097,), (17,), ()]
     ours, theirs = cuda_params(shapes, dtype, seed=5), cuda_params(shapes, dtype, seed=5)
-    wide = [torch.nn.Parameter(p.detach().double()) for p in ours]
     opt_ours = getattr(pyco.optim, kind)(ours, **hyper)
     opt_theirs = getattr(torch.optim, kind)(theirs, fused=kind != "SGD", foreach=False if kind == "SGD" else None,
                                             **hyper)
-    opt_wide = getattr(torch.optim, kind)(wide, foreach=False, **hyper)
-    gen = torch.Generator().manual_seed(6)
+    wide = run_with_float64_twin(kind, hyper, opt_ours, ours, opt_theirs, theirs, STEPS, seed=6)
     eps = torch.finfo(dtype).eps
-    for step in range(STEPS):
-        set_grads([ours, theirs], step, gen)
-        for w, p in zip(wide, ours):
-            w.grad = p.grad.double()
-        for opt in (opt_ours, opt_theirs, opt_wide):
-            opt.step()
     for i, (a, b, w) in enumerate(zip(ours, theirs, wide)):
         if kind != "SGD":
             assert_close_report(a.detach().float(), b.detach().float(), eps, 1e-6, f"param {i} vs torch fused")

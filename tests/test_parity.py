@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 from conftest import (TOL, assert_close_report, assert_state_match, grad_like, make_params, run_side_by_side,
-                      set_grads)
+                      run_with_float64_twin)
 
 import pyco
 
@@ -168,15 +168,7 @@ def test_reduced_precision(dtype, kind, hyper):
     shapes = [(4097,), (17,), ()]
     ref = "fused" if kind != "SGD" else "forloop"
     ours, opt_ours, theirs, opt_theirs = build(kind, [(hyper, shapes)], dtype, ref)
-    wide = [torch.nn.Parameter(p.detach().double()) for p in ours]
-    opt_wide = getattr(torch.optim, kind)(wide, foreach=False, **hyper)
-    gen = torch.Generator().manual_seed(5)
-    for step in range(STEPS):
-        set_grads([ours, theirs], step, gen)
-        for w, p in zip(wide, ours):
-            w.grad = p.grad.double()
-        for opt in (opt_ours, opt_theirs, opt_wide):
-            opt.step()
+    wide = run_with_float64_twin(kind, hyper, opt_ours, ours, opt_theirs, theirs, STEPS, seed=5)
     eps = torch.finfo(dtype).eps
     if kind != "SGD":  # same arithmetic, one rounding per stored value: at most an ulp apart
         for i, (a, b) in enumerate(zip(ours, theirs)):
