@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "launch_plan.h"
 #include "cpu/multi_tensor.h"
 
 namespace py = pybind11;
@@ -107,8 +108,11 @@ PYBIND11_MODULE(_C, m) {
       "Segmented dot products out[j, i] = sum over block i of delta * rows[j] (addresses of contiguous buffers: "
       "rows [num_rows, N], delta [N], int64 offsets [num_blocks + 1], float64 out [num_rows, num_blocks]).");
 
+  bind_launch_plan(m);
+
   m.attr("RECORD_FIELDS") = kRecordFields;
   m.attr("FLAG_FRESH_MOMENTUM") = kFlagFreshMomentum;
+  m.attr("FLAG_MOMENTUM_INIT") = kFlagMomentumInitFlag;
   m.attr("CHUNK_ELEMS") = cpu::kChunkElems;
   m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(kF32), py::arg("float64") = int(kF64),
                                    py::arg("float16") = int(kF16), py::arg("bfloat16") = int(kBF16));

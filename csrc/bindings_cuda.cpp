@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
 #include <vector>
 
 #include "cpu/multi_tensor.h"
@@ -111,8 +112,10 @@ void flag_nonfinite(int64_t flag, int64_t plan, int64_t num_records, int64_t num
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pyco's CUDA kernels. Internal: use pyco.optim; the buffers' layout is in csrc/cuda/launch.h.";
   // pyco._C registers SgdHyper, AdamHyper and the translation of KernelError (to pyco._C.KernelError, a
-  // ValueError), which pybind11 applies to this module's functions too.
+  // ValueError: invalid arguments), which pybind11 applies to this module's functions too. Failures of the
+  // CUDA runtime or driver are CudaError, a RuntimeError.
   m.attr("KernelError") = py::module_::import("pyco._C").attr("KernelError");
+  py::register_exception<cuda::CudaError>(m, "CudaError", PyExc_RuntimeError);
 
   m.def(
       "sgd_plan",
@@ -151,10 +154,65 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("flag_nonfinite", &flag_nonfinite, py::kw_only(), py::arg("flag"), py::arg("plan"), py::arg("num_records"),
         py::arg("num_chunks"), py::arg("num_blocks"), py::arg("device"), py::arg("stream"),
         "Stores 1.0 into the float32 `flag` when any gradient of the plan is inf or NaN.");
+  m.def(
+      "staging_stats",
+      [] {
+        const cuda::StagingCounters c = cuda::staging_counters();
+        return py::dict(py::arg("buffers") = c.buffers, py::arg("bytes") = c.bytes, py::arg("captured") = c.captured,
+                        py::arg("captured_bytes") = c.captured_bytes, py::arg("allocations") = c.allocations,
+                        py::arg("frees") = c.frees, py::arg("waits") = c.waits, py::arg("max_buffers") = c.max_buffers,
+                        py::arg("max_bytes") = c.max_bytes);
+      },
+      "The pinned staging pool of upload(): buffers and bytes held, buffers kept for captured graphs, "
+      "allocations, frees, uploads that waited for the device, and the limits.");
+  m.def("set_staging_limits", &cuda::set_staging_limits, py::arg("max_buffers"), py::arg("max_bytes"),
+        "Limits of the pinned staging pool; returns the previous (max_buffers, max_bytes).");
   m.def("stream_is_capturing", &cuda::stream_is_capturing, py::arg("device"), py::arg("stream"));
+  m.def(
+      "check_device",
+      [](int device) {
+#ifdef PYCO_CUDA_ARCHITECTURES
+        cuda::check_device(device, PYCO_CUDA_ARCHITECTURES);
+#else
+        cuda::check_device(device, "(unknown)");
+#endif
+      },
+      py::arg("device"),
+      "Raises CudaError (a RuntimeError saying what to install) unless the NVIDIA driver can run this build's "
+      "kernels on `device`: driver new enough for the CUDA runtime pyco was built with, the device present, "
+      "a kernel image for its architecture.");
+  m.def(
+      "driver_problem",
+      [](int driver_version, int runtime_version, int device_count, int device, const std::string& count_error,
+         const std::string& kernel_module) {
+        cuda::DriverFacts f;
+        f.driver_version = driver_version;
+        f.runtime_version = runtime_version;
+        f.device_count = device_count;
+        f.count_error = count_error;
+        f.kernel_module = kernel_module;
+        return cuda::driver_problem(f, device);
+      },
+      py::kw_only(), py::arg("driver_version"), py::arg("runtime_version"), py::arg("device_count"),
+      py::arg("device") = 0, py::arg("count_error") = "", py::arg("kernel_module") = "",
+      "check_device's verdict on given facts: '' when usable, else the error message.");
+  m.def(
+      "driver_facts",
+      [] {
+        const cuda::DriverFacts f = cuda::driver_facts();
+        return py::dict(py::arg("driver_version") = f.driver_version, py::arg("runtime_version") = f.runtime_version,
+                        py::arg("device_count") = f.device_count, py::arg("count_error") = f.count_error,
+                        py::arg("kernel_module") = f.kernel_module,
+                        py::arg("minimum_driver") = cuda::minimum_driver(f.runtime_version / 1000));
+      },
+      "What check_device reads: the driver's and the runtime's CUDA versions, the device count (and its "
+      "error), the NVIDIA kernel module's version, the oldest driver this build's runtime accepts.");
   m.def("device_count", &cuda::device_count, "CUDA devices this module's runtime sees (0 without a driver).");
 
   m.attr("CHUNK_ELEMS") = cuda::kChunkElems;
+  // SGD's device init flag (a record flag, csrc/common.h) and the dtype-mask bit of plans that hold one.
+  m.attr("FLAG_MOMENTUM_INIT_FLAG") = kFlagMomentumInitFlag;
+  m.attr("PLAN_INIT_FLAGS") = cuda::kPlanInitFlags;
   m.attr("PARAMS_BYTES") = py::dict(py::arg("sgd") = sizeof(cuda::SgdParams), py::arg("adam") = sizeof(cuda::AdamParams));
 #ifdef PYCO_CUDA_ARCHITECTURES
   m.attr("ARCHITECTURES") = PYCO_CUDA_ARCHITECTURES;

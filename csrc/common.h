@@ -44,6 +44,9 @@ static_assert(sizeof(TensorRecord) == 10 * sizeof(int64_t), "TensorRecord is pac
 
 constexpr int64_t kRecordFields = 10;
 constexpr int32_t kFlagFreshMomentum = 1;  // SGD: momentum buffer was just allocated; set it to d
+// SGD (CUDA): `step` holds the address of a device int32; the momentum buffer is fresh iff it is 0, and the
+// kernels set it to 1 when the step is applied (a skipped step leaves it 0)
+constexpr int32_t kFlagMomentumInitFlag = 2;
 
 inline int32_t record_dtype(const TensorRecord& r) { return static_cast<int32_t>(r.codes & 0xff); }
 inline int32_t record_step_dtype(const TensorRecord& r) { return static_cast<int32_t>((r.codes >> 8) & 0xff); }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -116,8 +117,10 @@ def test_cpu_and_gpu_kernels_agree(kind, hyper, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind, hyper", HALF_CASES)
 def test_reduced_precision_parameters(dtype, kind, hyper):
-    """bf16/f16 storage with float32 arithmetic, rounded once per stored value: Adam within an ulp of torch's
-    fused CUDA Adam; every rule close to a float64 run on the same gradients."""
+    """bf16/f16 storage with float32 arithmetic, rounded once per stored value, held against a float64 run on
+    the same (rounded) gradients, as on the CPU: pyco's error is no larger than that of torch's own CUDA
+    implementation (fused Adam/AdamW, for-loop SGD), and small. (Not an ulp of torch's fused CUDA Adam: it
+    computes its bias corrections in double and rounds differently.)"""
     shapes = [(4097,), (17,), ()]
     ours, theirs = cuda_params(shapes, dtype, seed=5), cuda_params(shapes, dtype, seed=5)
     opt_ours = getattr(pyco.optim, kind)(ours, **hyper)
@@ -126,8 +129,9 @@ def test_reduced_precision_parameters(dtype, kind, hyper):
     wide = run_with_float64_twin(kind, hyper, opt_ours, ours, opt_theirs, theirs, STEPS, seed=6)
     eps = torch.finfo(dtype).eps
     for i, (a, b, w) in enumerate(zip(ours, theirs, wide)):
-        if kind != "SGD":
-            assert_close_report(a.detach().float(), b.detach().float(), eps, 1e-6, f"param {i} vs torch fused")
+        err_ours = (a.detach().double() - w.detach()).abs().max().item() if a.numel() else 0.0
+        err_theirs = (b.detach().double() - w.detach()).abs().max().item() if a.numel() else 0.0
+        assert err_ours <= 1.5 * err_theirs + 2 * eps, f"param {i}: pyco {err_ours:.3g} vs torch {err_theirs:.3g}"
         assert_close_report(a.detach().double(), w.detach(), 8 * eps, STEPS * eps, f"param {i} vs float64")
 
 
@@ -246,6 +250,149 @@ def test_no_host_synchronization_in_step():
         del opt.grad_scale, opt.found_inf
 
 
+def sleep_cycles(seconds: float) -> int:
+    """torch.cuda._sleep cycles that keep this GPU busy for about `seconds` (measured, not assumed)."""
+    probe = 20_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    return int(probe * seconds * 1000.0 / max(start.elapsed_time(end), 1e-3))
+
+
+@pytest.mark.parametrize("mode", ["plain", "grad_scaler", "nonfinite_skip"])
+@pytest.mark.parametrize("stats", [True, False])
+@pytest.mark.parametrize("kind, hyper", [("SGD", dict(lr=0.1, momentum=0.9)), ("Adam", dict(lr=0.01))])
+def test_step_returns_while_the_device_is_still_busy(kind, hyper, stats, mode):
+    """The host never waits for the device in step(), pyco's own CUDA runtime calls included (torch's sync
+    debug mode cannot see those): behind ~100 ms of GPU sleep on the current stream, step() (here with a
+    new float lr, so the params are uploaded through the staging pool) returns long before the sleep ends,
+    and the step then happens on the device."""
+    params = cuda_params([(4097,), (3,), (70001,)], seed=30)
+    opt = getattr(pyco.optim, kind)(params, stats=stats, nonfinite="skip" if mode == "nonfinite_skip" else "apply",
+                                    **hyper)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0) if mode == "grad_scaler" else None
+
+    def step(k: int) -> None:
+        for p in params:
+            g = torch.full_like(p, 0.01 * (k + 1))
+            p.grad = scaler.scale(g) if scaler is not None else g
+        opt.param_groups[0]["lr"] = hyper["lr"] * 0.9 ** k
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    for k in range(3):  # state, plans, the device check and staging buffers are created here
+        step(k)
+    torch.cuda.synchronize()
+    before = [p.detach().clone() for p in params]
+    cycles = sleep_cycles(0.1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    step(3)
+    returned = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    finished = time.perf_counter() - t0
+    assert finished > 0.05, f"the sleep took {finished:.3f} s: the measurement means nothing"
+    assert returned < 0.5 * finished, f"step() returned after {returned:.3f} s of a {finished:.3f} s sleep"
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), "the step did not happen"
+
+
+@pytest.mark.parametrize("limits", [None, (4, 1 << 20)])
+def test_staging_pool_stays_bounded(limits):
+    """1000 steps with a float lr that changes every step upload 1000 different params buffers while the
+    device lags behind: the pinned staging pool stays within its limits (with small limits the host waits
+    for the oldest copy), and every step used its own lr: the result equals pyco's CPU kernels bitwise."""
+    C = pyco._ext.cuda_kernels()
+    previous = C.set_staging_limits(*limits) if limits else None
+    try:
+        shapes = [(4097,), (3,)]
+        gpu, cpu = cuda_params(shapes, seed=31), make_params(shapes, torch.float32, seed=31)
+        opts = [pyco.optim.SGD(ps, lr=0.1, momentum=0.9, stats=False) for ps in (gpu, cpu)]
+        for p, q in zip(gpu, cpu):
+            q.grad = torch.full_like(q, 0.5)
+            p.grad = on_cuda(q.grad)
+        for opt in opts:
+            opt.step()
+        torch.cuda.synchronize()
+        start = C.staging_stats()
+        torch.cuda._sleep(sleep_cycles(0.05))  # the copies queue up behind this
+        worst = 0
+        for k in range(1000):
+            for opt in opts:
+                opt.param_groups[0]["lr"] = 0.1 / (1.0 + 0.01 * k)
+                opt.step()
+            worst = max(worst, C.staging_stats()["buffers"])
+        torch.cuda.synchronize()
+        end = C.staging_stats()
+        assert worst <= end["max_buffers"] and end["bytes"] <= max(end["max_bytes"], 4096)
+        assert end["allocations"] - start["allocations"] <= end["max_buffers"]
+        if limits:
+            assert end["waits"] > start["waits"] and worst == limits[0]
+        for a, b in zip(gpu, cpu):
+            assert tensors_equal(a.detach().cpu(), b.detach())
+    finally:
+        if previous:
+            C.set_staging_limits(*previous)
+
+
+def test_cuda_runtime_errors_are_runtime_errors():
+    """Failures of the CUDA runtime are RuntimeErrors (pyco._C_cuda.CudaError); argument errors stay
+    ValueErrors. The device check passes here and names a device that does not exist."""
+    C = pyco._ext.cuda_kernels()
+    C.check_device(0)
+    missing = torch.cuda.device_count()
+    with pytest.raises(C.CudaError, match=rf"CUDA device {missing} does not exist: the runtime sees {missing} "):
+        C.check_device(missing)
+    dst = torch.empty(8, dtype=torch.uint8, device=CUDA)
+    with pytest.raises(RuntimeError, match="cudaSetDevice: cudaErrorInvalidDevice") as info:
+        C.upload(dst.data_ptr(), b"12345678", device=missing, stream=0)
+    assert isinstance(info.value, C.CudaError) and not isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="missing address"):
+        C.upload(0, b"x", device=0, stream=0)
+    facts = C.driver_facts()
+    assert facts["driver_version"] // 1000 >= facts["runtime_version"] // 1000 and facts["device_count"] == missing
+
+
+@pytest.mark.parametrize("skip", ["found_inf", "nonfinite"])
+def test_sgd_device_init_flag_survives_a_skipped_first_step(skip):
+    """The kernel half of SGD's device init flag: a first step skipped on the device leaves the flags at 0,
+    the next one sets the buffers to d (torch's first step) and the flags to 1."""
+    from test_cuda_host import DeviceFlagSGD
+
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    shapes = [(70001,), (3,)]
+    ours, theirs = cuda_params(shapes, seed=32), cuda_params(shapes, seed=32)
+    opt = DeviceFlagSGD(ours, nonfinite="skip" if skip == "nonfinite" else "apply", **hyper)
+    ref = torch.optim.SGD(theirs, foreach=False, **hyper)
+    gen = torch.Generator().manual_seed(33)
+    set_grads([ours], 0, gen)
+    if skip == "found_inf":
+        opt.found_inf = torch.tensor(1.0, device=CUDA)
+    else:
+        ours[1].grad[0] = math.inf
+    before = [p.detach().clone() for p in ours]
+    opt.step()
+    assert bool(opt.last_stats.skipped) and all(tensors_equal(p.detach(), b) for p, b in zip(ours, before))
+    assert [int(opt.init_flags[p]) for p in ours] == [0, 0]
+    if skip == "found_inf":
+        opt.found_inf = torch.tensor(0.0, device=CUDA)
+    for step in (1, 2):
+        set_grads([theirs], step, gen)
+        for p, q in zip(ours, theirs):
+            p.grad = q.grad.clone()
+        opt.step()
+        ref.step()
+        assert not bool(opt.last_stats.skipped)
+        assert [int(opt.init_flags[p]) for p in ours] == [1, 1]
+        assert_state_match(opt, ours, ref, theirs, *TOL[torch.float32])
+
+
 # ---- GradScaler and non-finite gradients ---------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, hyper", [
@@ -305,6 +452,26 @@ def test_nonfinite_skip_on_cuda():
     params[1].grad[2] = 1.0
     opt.step()
     assert not bool(opt.last_stats.skipped) and opt.state[params[0]]["step"].item() == 2
+
+
+def test_nonfinite_check_over_many_chunks():
+    """The non-finite check's blocks race to set one flag; blocks that start after it is set skip their scan
+    (every thread still reaches the barrier). Infs in the first and the last chunk, or none."""
+    chunk = pyco._ext.cuda_kernels().CHUNK_ELEMS
+    params = cuda_params([(64 * chunk + 5,), (3,)], seed=34)
+    opt = pyco.optim.SGD(params, lr=0.1, nonfinite="skip")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[0].grad[0] = math.inf
+    params[0].grad[-1] = math.nan
+    before = [p.detach().clone() for p in params]
+    for _ in range(3):
+        opt.step()
+        assert bool(opt.last_stats.skipped)
+    assert all(tensors_equal(p.detach(), b) for p, b in zip(params, before))
+    params[0].grad[0] = params[0].grad[-1] = 1.0
+    opt.step()
+    assert not bool(opt.last_stats.skipped) and torch.equal(params[0].detach(), before[0] - 0.1)
 
 
 # ---- sizes, streams, determinism, devices --------------------------------------------------------------
@@ -410,7 +577,10 @@ def test_torch_checkpoint_loads_on_cuda():
     ref = torch.optim.Adam(theirs, lr=0.01, foreach=False)
     opt = pyco.optim.Adam(ours, lr=0.01)
     run_side_by_side(ref, theirs, opt, ours, 3, seed=18)
-    opt.load_state_dict(ref.state_dict())
+    # load_state_dict keeps tensors that are already on the right device: a copy, or both optimizers would
+    # update the same exp_avg / exp_avg_sq
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert all(opt.state[p]["exp_avg"].data_ptr() != ref.state[q]["exp_avg"].data_ptr() for p, q in zip(ours, theirs))
     assert all(opt.state[p]["step"].device.type == "cuda" for p in ours)
     run_side_by_side(opt, ours, ref, theirs, 3, seed=19)
     assert_state_match(opt, ours, ref, theirs, *TOL[torch.float32], check_step_dtype=False)

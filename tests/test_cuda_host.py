@@ -1,8 +1,10 @@
 """The host side of pyco's CUDA path, tested without a GPU: what the build reports, the plan and params
-buffers that pyco._C_cuda builds for the kernels, device grouping and validation, and the whole Python
+buffers that pyco._C_cuda builds for the kernels, device grouping and validation, the errors (invalid
+arguments: ValueError; the CUDA runtime: RuntimeError) and the driver check's messages, and the whole Python
 launch path (pyco.optim._cuda) driven through a fake device whose "kernels" decode those buffers and run
-the CPU kernels on them: it must give the CPU path's results bitwise, upload only what changed, and apply
-grad_scale / found_inf / the non-finite check on the "device"."""
+the CPU kernels on them: it must give the CPU path's results bitwise, upload only what changed, check each
+device once, and apply grad_scale / found_inf / the non-finite check / SGD's device init flag on the
+"device"."""
 
 from __future__ import annotations
 
@@ -51,14 +53,34 @@ def record(numel, block, address, group=0):
     return [address, address + 8, 0, 0, 0, 0, numel, 0, group, block]
 
 
+def raises_cuda_error(match):
+    """A failure of the CUDA runtime: pyco._C_cuda.CudaError, a RuntimeError and not a ValueError."""
+    C = pyco._ext.cuda_kernels()
+
+    class Check:
+        def __enter__(self):
+            self.raises = pytest.raises(C.CudaError, match=match)
+            self.info = self.raises.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            handled = self.raises.__exit__(*exc)
+            assert isinstance(self.info.value, RuntimeError) and not isinstance(self.info.value, ValueError)
+            return handled
+
+    return Check()
+
+
 @needs_cuda_build
 @pytest.mark.skipif(torch.cuda.is_available(), reason="calls the kernels with made-up addresses")
 def test_launches_are_validated_before_the_device_is_touched():
+    """Invalid arguments are ValueErrors raised before any CUDA call; with valid ones the first CUDA call
+    fails here (no driver), and that is a RuntimeError."""
     C = pyco._ext.cuda_kernels()
     ok = dict(plan=64, num_records=1, num_chunks=1, num_blocks=1, dtypes=1, params=64, num_groups=1, partials=64,
               stats=64, device=0, stream=0)
     for name in ("sgd_step", "adam_step"):
-        with pytest.raises(ValueError, match="cudaGetDevice"):  # validation passed; no driver here
+        with raises_cuda_error("pyco CUDA: cudaGetDevice"):  # validation passed; no driver here
             getattr(C, name)(**ok)
         with pytest.raises(ValueError, match=r"statistics need a partials buffer"):
             getattr(C, name)(**{**ok, "partials": 0})
@@ -66,10 +88,63 @@ def test_launches_are_validated_before_the_device_is_touched():
             getattr(C, name)(**{**ok, "params": 0})
         with pytest.raises(ValueError, match=r"grad_scale must be > 0"):
             getattr(C, name)(**ok, grad_scale_value=0.0)
-    with pytest.raises(ValueError, match="cudaGetDevice"):
+    with raises_cuda_error("cudaGetDevice"):
         C.flag_nonfinite(flag=64, plan=64, num_records=1, num_chunks=1, num_blocks=1, device=0, stream=0)
     with pytest.raises(ValueError, match="missing flag"):
         C.flag_nonfinite(flag=0, plan=64, num_records=1, num_chunks=1, num_blocks=1, device=0, stream=0)
+    with raises_cuda_error("cudaGetDevice"):
+        C.upload(64, b"x", device=0, stream=0)
+    with pytest.raises(ValueError, match="missing address"):
+        C.upload(0, b"x", device=0, stream=0)
+    with raises_cuda_error("cudaGetDevice"):
+        C.stream_is_capturing(0, 0)
+    assert C.device_count() == 0
+
+
+# ---- the driver/device check ----------------------------------------------------------------------------
+
+@needs_cuda_build
+def test_driver_problems_say_what_to_install():
+    """The verdicts of check_device on made-up facts (a pure function)."""
+    C = pyco._ext.cuda_kernels()
+    old = C.driver_problem(driver_version=12040, runtime_version=13000, device_count=1, kernel_module="550.54.15")
+    assert old.startswith("pyco CUDA: the NVIDIA driver is 550.54.15 (for CUDA 12.4); pyco's CUDA kernels were "
+                          "built with CUDA 13.0 and need driver >= 580: update the driver, or rebuild pyco against "
+                          "the CUDA toolkit your driver supports (`CUDACXX=")
+    assert old.endswith("pip install .`), or use torch.optim")
+    unknown = C.driver_problem(driver_version=12080, runtime_version=13000, device_count=1)
+    assert "the NVIDIA driver is one for CUDA 12.8; " in unknown and "driver >= 580" in unknown
+    assert "need driver >= 525" in C.driver_problem(driver_version=11080, runtime_version=12040, device_count=1)
+    assert "need a driver for CUDA 14.0 or newer" in C.driver_problem(driver_version=13000, runtime_version=14000,
+                                                                      device_count=1)
+    none = C.driver_problem(driver_version=0, runtime_version=13000, device_count=0)
+    assert "no NVIDIA driver was found" in none and "install the NVIDIA driver" in none and "580" in none
+    no_device = C.driver_problem(driver_version=13000, runtime_version=13000, device_count=0,
+                                 count_error="cudaErrorNoDevice: no CUDA-capable device is detected")
+    assert "reports no CUDA device (cudaGetDeviceCount: cudaErrorNoDevice: no CUDA-capable device" in no_device
+    assert "CUDA_VISIBLE_DEVICES" in no_device
+    assert C.driver_problem(driver_version=13000, runtime_version=13000, device_count=2, device=2) == (
+        "pyco CUDA: CUDA device 2 does not exist: the runtime sees 2 device(s)")
+    # usable: the same major version (minor-version compatibility) or a newer driver
+    for driver, runtime in [(13000, 13000), (13000, 13010), (13020, 13000), (14000, 13000), (12090, 12000)]:
+        assert C.driver_problem(driver_version=driver, runtime_version=runtime, device_count=1) == "", (driver, runtime)
+
+
+@needs_cuda_build
+def test_check_device_raises_the_verdict_on_this_machine():
+    """check_device reads the real facts: it raises exactly driver_problem's message (a RuntimeError) when
+    there is one, as on a machine without a driver or GPU, and passes otherwise."""
+    C = pyco._ext.cuda_kernels()
+    facts = C.driver_facts()
+    assert facts["runtime_version"] // 1000 >= 11 and facts["minimum_driver"] > 0
+    verdict = C.driver_problem(**{k: facts[k] for k in ("driver_version", "runtime_version", "device_count",
+                                                         "count_error", "kernel_module")}, device=0)
+    if verdict:
+        with raises_cuda_error(None) as info:
+            C.check_device(0)
+        assert str(info.value) == verdict
+    else:
+        C.check_device(0)
 
 
 @needs_cuda_build
@@ -92,25 +167,45 @@ def test_plan_sorts_records_by_block_and_counts_chunks():
         C.sgd_plan(table, [momentum], num_blocks=3)
 
 
+@needs_cuda_build
+def test_staging_pool_reports_its_limits():
+    """The pinned staging pool's counters and limits (the bound itself is tested with a fake device in
+    csrc/tests/test_cuda_rules.cu and on a GPU in tests/test_cuda.py)."""
+    C = pyco._ext.cuda_kernels()
+    stats = C.staging_stats()
+    assert set(stats) == {"buffers", "bytes", "captured", "captured_bytes", "allocations", "frees", "waits",
+                          "max_buffers", "max_bytes"}
+    assert stats["buffers"] <= stats["max_buffers"] and stats["allocations"] - stats["frees"] == stats["buffers"]
+    previous = C.set_staging_limits(3, 1 << 20)
+    try:
+        assert previous == (stats["max_buffers"], stats["max_bytes"])
+        assert C.staging_stats()["max_buffers"] == 3 and C.staging_stats()["max_bytes"] == 1 << 20
+        with pytest.raises(ValueError, match="staging limits must be >= 1"):
+            C.set_staging_limits(0, 1 << 20)
+    finally:
+        C.set_staging_limits(*previous)
+    assert C.set_staging_limits(*previous) == previous
+
+
 # ---- device grouping and validation ---------------------------------------------------------------------
 
 def test_split_by_device_keeps_every_group():
     a, b = torch.zeros(2), torch.zeros(3, device="meta")
     c = torch.zeros(4)
-    work = [(0, {}, [(a, a), (b, b)]), (1, {}, [(c, c)])]
+    work = [(0, {}, [(0, a, a), (1, b, b)]), (1, {}, [(0, c, c)])]  # (param index, param, grad)
     parts = _cuda.split_by_device(work)
     assert [d.type for d, _ in parts] == ["cpu", "meta"]
     cpu_part, meta_part = parts[0][1], parts[1][1]
-    assert [len(pairs) for _, _, pairs in cpu_part] == [1, 1] and cpu_part[1][2][0][0] is c
-    assert [len(pairs) for _, _, pairs in meta_part] == [1, 0] and meta_part[0][2][0][0] is b
+    assert [len(triples) for _, _, triples in cpu_part] == [1, 1] and cpu_part[1][2][0][1] is c
+    assert [len(triples) for _, _, triples in meta_part] == [1, 0] and meta_part[0][2][0][1] is b
     assert _cuda.split_by_device(work[1:]) == [(torch.device("cpu"), work[1:])]
 
 
 def test_cpu_and_cuda_parameters_in_one_step_are_refused_by_name():
     params = make_params([(3,), (2, 2)])
     opt = pyco.optim.SGD(params, lr=0.1)
-    parts = [(torch.device("cpu"), [(0, opt.param_groups[0], [(params[0], params[0])])]),
-             (torch.device("cuda", 0), [(0, opt.param_groups[0], [(params[1], params[1])])])]
+    parts = [(torch.device("cpu"), [(0, opt.param_groups[0], [(0, params[0], params[0])])]),
+             (torch.device("cuda", 0), [(0, opt.param_groups[0], [(1, params[1], params[1])])])]
     with pytest.raises(ValueError, match=r"param 0 of group 0 \(shape \[3\].* on cpu and param 1 of group 0 "
                                          r"\(shape \[2, 2\].* on cuda:0.*one optimizer per device"):
         _cuda.check_devices(opt, parts)
@@ -142,6 +237,13 @@ def read(address: int, fmt: str):
     return struct.unpack(fmt, ctypes.string_at(address, size))[0]
 
 
+def fields(records: array, r: int) -> slice:
+    return slice(10 * r, 10 * r + 10)
+
+
+STEP_FIELD, CODES_FIELD = 5, 7
+
+
 class FakeDevice:
     """pyco._C_cuda with its kernels replaced by host emulations over the same buffers (host memory here):
     the plan and params are decoded and the CPU kernels run on the records they hold."""
@@ -152,7 +254,10 @@ class FakeDevice:
         self.capturing = capturing
         self.uploads = []  # sizes
         self.launches = 0
+        self.checked = []  # devices passed to check_device
+        self.unusable = None  # a message: check_device raises it as the real one would
         self.CHUNK_ELEMS, self.PARAMS_BYTES = real.CHUNK_ELEMS, real.PARAMS_BYTES
+        self.FLAG_MOMENTUM_INIT_FLAG = real.FLAG_MOMENTUM_INIT_FLAG
         self.sgd_plan, self.adam_plan = real.sgd_plan, real.adam_plan
         self.sgd_params, self.adam_params = real.sgd_params, real.adam_params
 
@@ -163,6 +268,11 @@ class FakeDevice:
     def stream_is_capturing(self, device, stream):
         return self.capturing
 
+    def check_device(self, device):
+        self.checked.append(device)
+        if self.unusable:
+            raise self.real.CudaError(self.unusable)
+
     def records(self, plan, num_records):
         return array("q", ctypes.string_at(plan, num_records * 80)) if num_records else array("q")
 
@@ -170,7 +280,7 @@ class FakeDevice:
         """Without a device, the real function must accept the arguments and fail only where it starts
         talking to the driver: its validation passed."""
         if self.no_device:
-            with pytest.raises(ValueError, match="pyco CUDA: cudaGetDevice"):
+            with raises_cuda_error("pyco CUDA: cudaGetDevice"):
                 getattr(self.real, name)(**{**kw, "device": 0})
 
     def flag_nonfinite(self, *, flag, plan, num_records, num_chunks, num_blocks, device, stream):
@@ -200,8 +310,24 @@ class FakeDevice:
                                            weight_decay=fields[4], amsgrad=fields[5], maximize=fields[6],
                                            decoupled_weight_decay=fields[7]))
         scale = read(grad_scale, "<f") if grad_scale else grad_scale_value
-        kernel(self.records(plan, num_records), hypers, grad_scale=scale, stats=stats, num_blocks=num_blocks,
-               num_threads=1)
+        records, init_flags = self.host_flags(self.records(plan, num_records))
+        kernel(records, hypers, grad_scale=scale, stats=stats, num_blocks=num_blocks, num_threads=1)
+        for address in init_flags:  # the finalize kernel's work, in a step that was applied
+            ctypes.memmove(address, struct.pack("<i", 1), 4)
+
+    def host_flags(self, records: array) -> tuple[array, list[int]]:
+        """SGD's device init flag (kFlagMomentumInitFlag: `step` holds an int32's address, the buffer is fresh
+        iff it is 0) as the CPU kernel's host flag; returns the records and the flags' addresses."""
+        init, fresh = self.FLAG_MOMENTUM_INIT_FLAG << 16, _C.FLAG_FRESH_MOMENTUM << 16
+        addresses = []
+        for r in range(len(records) // 10):
+            rec = records[fields(records, r)]
+            if rec[CODES_FIELD] & init:
+                addresses.append(rec[STEP_FIELD])
+                rec[CODES_FIELD] = rec[CODES_FIELD] & ~init | (fresh if read(rec[STEP_FIELD], "<i") == 0 else 0)
+                rec[STEP_FIELD] = 0
+                records[fields(records, r)] = rec
+        return records, addresses
 
     def sgd_step(self, **kw):
         self.check_arguments("sgd_step", **kw)
@@ -222,12 +348,13 @@ def fake_device(monkeypatch):
     monkeypatch.setattr(_cuda, "cuda_kernels", lambda: fake)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(_cuda, "check_devices", lambda opt, parts: None)  # CPU tensors play the device's
+    monkeypatch.setattr(_cuda, "_USABLE_DEVICES", set())
     return fake
 
 
 def device_step(opt):
     """What FusedOptimizer.step does for CUDA parameters, on these CPU ones."""
-    return _cuda.launch(opt, opt._collect(), opt._block_names, opt._block_index)
+    return _cuda.launch(opt, opt._collect()[0], opt._block_names, opt._block_index)
 
 
 CASES = [
@@ -335,3 +462,117 @@ def test_nonfinite_skip_is_decided_on_the_device(fake_device):
     params[1].grad[1] = 1.0
     stats = device_step(opt)
     assert not bool(stats.skipped) and not torch.equal(params[0].detach(), before[0])
+
+
+@needs_cuda_build
+def test_each_device_is_checked_once(fake_device):
+    params = make_params([(5,)], torch.float32)
+    opt = pyco.optim.Adam(params, lr=0.1)
+    params[0].grad = torch.ones_like(params[0])
+    for _ in range(3):
+        device_step(opt)
+    pyco.optim.Adam(params, lr=0.1)  # another optimizer on the same device: no second check
+    device_step(opt)
+    assert fake_device.checked == [None]  # the fake's "device" is the CPU: index None
+    assert fake_device.launches == 4
+
+
+@needs_cuda_build
+def test_an_unusable_device_stops_the_step_and_is_checked_again(fake_device):
+    params = make_params([(5,)], torch.float32)
+    opt = pyco.optim.Adam(params, lr=0.1)
+    params[0].grad = torch.ones_like(params[0])
+    before = params[0].detach().clone()
+    fake_device.unusable = "pyco CUDA: the NVIDIA driver is 550.54.15 (for CUDA 12.4); ..."
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"driver is 550\.54\.15"):
+            device_step(opt)
+    assert fake_device.checked == [None, None] and fake_device.launches == 0 and not fake_device.uploads
+    assert tensors_equal(params[0].detach(), before) and not opt.state.get(params[0])
+    fake_device.unusable = None
+    device_step(opt)
+    device_step(opt)
+    assert fake_device.checked == [None, None, None] and fake_device.launches == 2
+
+
+class DeviceFlagSGD(pyco.optim.SGD):
+    """pyco's SGD as it is on a CUDA device, for the fake device's CPU tensors: its momentum records carry the
+    device init flag (one int32 per momentum buffer, 0 until a step is applied to it; the kernels set it) in
+    the record's `step` field, flag bit FLAG_MOMENTUM_INIT instead of the host's FLAG_FRESH_MOMENTUM."""
+
+    @staticmethod
+    def _skips_decided_on_device(p):
+        return True
+
+    @property
+    def init_flags(self):
+        return self._momentum_initialized
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("skip", ["found_inf", "nonfinite"])
+def test_sgd_first_step_skipped_on_the_device_keeps_the_buffer_fresh(fake_device, skip):
+    """A first step skipped on the device (GradScaler's found_inf, nonfinite="skip") leaves the device init
+    flags at 0: the next step sets the momentum buffers to d, so it equals torch.optim.SGD's first step
+    (b = d), not b = μ·0 + (1 − τ)·d; later steps follow torch's."""
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.01)
+    shapes = [(4097,), (3,)]
+    ours, theirs = make_params(shapes, torch.float32, seed=21), make_params(shapes, torch.float32, seed=21)
+    opt = DeviceFlagSGD(ours, nonfinite="skip" if skip == "nonfinite" else "apply", **hyper)
+    ref = torch.optim.SGD(theirs, foreach=False, **hyper)
+    gen = torch.Generator().manual_seed(22)
+    set_grads([ours], 0, gen)
+    if skip == "found_inf":
+        opt.found_inf = torch.tensor(1.0)
+    else:
+        ours[1].grad[0] = float("inf")
+    before = [p.detach().clone() for p in ours]
+    assert bool(device_step(opt).skipped)
+    assert all(tensors_equal(p.detach(), b) for p, b in zip(ours, before))
+    assert [int(opt.init_flags[p]) for p in ours] == [0, 0]
+    if skip == "found_inf":
+        opt.found_inf = torch.tensor(0.0)
+    for step in (1, 2):
+        set_grads([ours, theirs], step, gen)
+        assert not bool(device_step(opt).skipped)
+        ref.step()
+        assert [int(opt.init_flags[p]) for p in ours] == [1, 1]
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"],
+                                       rtol=1e-6, atol=1e-7, msg=f"step {step}: momentum buffer of param {i}")
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7, msg=f"step {step}: param {i}")
+
+
+@needs_cuda_build
+def test_device_init_flags_keep_the_plan(fake_device):
+    """With the flag on the device the records do not change after the first step: nothing is uploaded
+    again (with the host flag the plan changes once, when the buffers stop being fresh)."""
+    params = make_params([(5,), (7,)], torch.float32)
+    opt = DeviceFlagSGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for _ in range(3):
+        device_step(opt)
+    assert len(fake_device.uploads) == 2 and fake_device.launches == 3  # plan and params, once
+    plan = opt._device_plans[torch.device("cpu")]
+    assert plan.dtypes & fake_device.real.PLAN_INIT_FLAGS
+
+
+@needs_cuda_build
+def test_a_buffer_no_applied_step_initialized_is_left_out_of_the_state_dict(fake_device):
+    """Every step since the buffers were made was skipped on the device: torch would have no momentum
+    buffer, so the state_dict has none either (and loads into torch.optim.SGD as a fresh start)."""
+    params = make_params([(5,), (7,)], torch.float32)
+    opt = DeviceFlagSGD(params, lr=0.1, momentum=0.9, dampening=0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.found_inf = torch.tensor(1.0)
+    device_step(opt)
+    assert all("momentum_buffer" in opt.state[p] for p in params)  # made for the step, left as zeros
+    assert all("momentum_buffer" not in entry for entry in opt.state_dict()["state"].values())
+    opt.found_inf = torch.tensor(0.0)
+    device_step(opt)
+    state = opt.state_dict()["state"]
+    assert all(torch.equal(state[i]["momentum_buffer"], torch.ones_like(p)) for i, p in enumerate(params))
+    opt.load_state_dict(opt.state_dict())
+    assert opt.init_flags == {}  # loaded buffers are initialized ones

@@ -180,9 +180,24 @@ void launch(const TensorRecord* recs, int64_t n, const LaunchOptions& opt, Chunk
   int64_t total = 0;
   for (int64_t r = 0; r < n; ++r) total += recs[r].numel;
   const int threads = static_cast<int>(std::min<int64_t>(opt.num_threads, 1 + total / kElemsPerThread));
-  parallel_over(count, threads, [&](int64_t c) {
-    const Chunk& ch = chunks[c];
-    chunk_fn(recs[ch.record], ch.begin, ch.end, opt.stats ? &partials[c * kNumStats] : nullptr);
+  // Small tensors make small chunks: a thread takes consecutive chunks of about kChunkElems elements in
+  // all, so that a table of thousands of tiny tensors costs no more hand-offs than one large tensor. The
+  // chunks (and so the statistics' partial sums) stay the same.
+  std::vector<int64_t> task_begin;
+  int64_t filled = kChunkElems;
+  for (int64_t c = 0; c < count; ++c) {
+    if (filled >= kChunkElems) {
+      task_begin.push_back(c);
+      filled = 0;
+    }
+    filled += chunks[c].end - chunks[c].begin;
+  }
+  task_begin.push_back(count);
+  parallel_over(static_cast<int64_t>(task_begin.size()) - 1, threads, [&](int64_t task) {
+    for (int64_t c = task_begin[task]; c < task_begin[task + 1]; ++c) {
+      const Chunk& ch = chunks[c];
+      chunk_fn(recs[ch.record], ch.begin, ch.end, opt.stats ? &partials[c * kNumStats] : nullptr);
+    }
   });
   if (opt.stats) {
     std::fill(opt.stats, opt.stats + opt.num_blocks * kNumStats, 0.0);

@@ -93,6 +93,32 @@ __device__ __forceinline__ bool aligned(const TensorRecord& r) {
 
 // ---- the update ----
 
+// Per update kernel: thread blocks per SM that its __launch_bounds__ asks for (so at most 65536 / (kThreads ·
+// kBlocks) registers per thread: 40 for 6, 64 for 4, 80 for 3) and how many iterations of update_span's pack
+// loop the compiler may unroll (more loads in flight, more registers). Chosen as the most blocks for which
+// `nvcc -Xptxas -v` (CUDA 13.0, sm_90) reports no spills, in the kernel or the division subroutines it calls;
+// CMake builds with --warn-on-spills to show a regression.
+template <typename Rule, typename S> struct Occupancy {
+  static constexpr int kBlocks = 3;
+  static constexpr int kUnroll = 1;
+};
+template <typename S> struct Occupancy<AdamRule, S> {
+  static constexpr int kBlocks = sizeof(S) == 4 ? 4 : 3;  // float32: 56 registers; the others 72-80
+  static constexpr int kUnroll = 2;
+};
+template <> struct Occupancy<SgdRule, float> {
+  static constexpr int kBlocks = 6;
+  static constexpr int kUnroll = 1;
+};
+template <> struct Occupancy<SgdRule, double> {
+  static constexpr int kBlocks = 4;
+  static constexpr int kUnroll = 1;
+};
+template <> struct Occupancy<SgdRule, __nv_bfloat16> {
+  static constexpr int kBlocks = 4;
+  static constexpr int kUnroll = 1;
+};
+
 // Elements [begin, end) of one tensor, N at a time ((end − begin) % N == 0), thread t taking packs t,
 // t + kThreads, ...: the element-to-thread assignment, and so every sum, is fixed.
 template <typename Rule, typename S, int N, typename M>
@@ -105,6 +131,7 @@ __device__ __forceinline__ void update_span(const TensorRecord& r, const typenam
   S* __restrict__ state[3] = {reinterpret_cast<S*>(r.state0), reinterpret_cast<S*>(r.state1),
                               reinterpret_cast<S*>(r.state2)};
   const bool has[3] = {r.state0 != 0, r.state1 != 0, r.state2 != 0};
+#pragma unroll(Occupancy<Rule, S>::kUnroll)
   for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * N; i < end; i += static_cast<int64_t>(kThreads) * N) {
     P p = *reinterpret_cast<const P*>(param + i);
     P g = *reinterpret_cast<const P*>(grad + i);
@@ -157,7 +184,7 @@ __device__ __forceinline__ void update_chunk(const TensorRecord& r, const typena
 // One thread block per chunk of the plan; blocks of chunks of another storage type return at once (one
 // launch per storage type present, usually one: each kernel needs only its own type's registers).
 template <typename Rule, typename S, int32_t kDtype>
-__global__ void __launch_bounds__(kThreads) update_kernel(const Launch L) {
+__global__ void __launch_bounds__(kThreads, Occupancy<Rule, S>::kBlocks) update_kernel(const Launch L) {
   if (launch_skipped(L)) return;
   const int64_t chunk = blockIdx.x;
   const ChunkView ch = chunk_of(plan_of(L), chunk);

@@ -37,7 +37,31 @@ PYCO_HD double learning_rate(double value, const LrSource& src) {
   return src.address ? read_scalar(src.address, src.dtype) : value;
 }
 
+// What a step that was applied (not skipped) leaves in a record's `step` field once every element is done
+// (the finalize kernel's work): Adam's counter goes from t − 1 to t (`step_counters`); SGD's device init
+// flag (kFlagMomentumInitFlag) becomes 1, so the next step finds its momentum buffer initialized.
+PYCO_HD void finish_record(const TensorRecord& rec, bool step_counters) {
+  if (!rec.step) return;
+  if ((rec.codes >> 16) & kFlagMomentumInitFlag) {
+    *reinterpret_cast<int32_t*>(rec.step) = 1;
+  } else if (step_counters) {
+    if (((rec.codes >> 8) & 0xff) == kF64) {
+      *reinterpret_cast<double*>(rec.step) += 1.0;
+    } else {
+      *reinterpret_cast<float*>(rec.step) += 1.0f;
+    }
+  }
+}
+
+// SGD's momentum buffer is fresh (zeros, to become d) when the host flag says so, or the device flag is 0.
+PYCO_HD bool momentum_is_fresh(const TensorRecord& rec) {
+  const int64_t flags = rec.codes >> 16;
+  if (flags & kFlagMomentumInitFlag) return *reinterpret_cast<const int32_t*>(rec.step) == 0;
+  return (flags & kFlagFreshMomentum) != 0;
+}
+
 // torch.optim.SGD: d = ±g (+ wd·θ);  b = d on the first step, else μ·b + (1−τ)·d;  d = d + μ·b or b;  θ −= lr·d
+// "First step": the first one applied, per momentum_is_fresh.
 struct SgdRule {
   using Params = SgdParams;
   static constexpr bool kStepCounters = false;
@@ -51,7 +75,7 @@ struct SgdRule {
   template <typename M>
   PYCO_HD static Consts<M> prepare(const Params& P, const TensorRecord& rec) {
     const SgdHyper& h = P.hyper;
-    const bool fresh = (rec.codes >> 16) & kFlagFreshMomentum;
+    const bool fresh = momentum_is_fresh(rec);
     Consts<M> c;
     c.lr = static_cast<M>(learning_rate(h.lr, P.lr));
     c.wd = static_cast<M>(h.weight_decay);

@@ -5,15 +5,22 @@
 
 #include <string>
 
-#include "../common.h"
+#include "launch.h"
 
 namespace pyco::cuda {
 
+// Throws CudaError for a failed call. The runtime's last-error state is cleared first: a recoverable error
+// (an invalid device ordinal, say) must not resurface in whatever CUDA call torch makes next.
 inline void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw KernelError(std::string("pyco CUDA: ") + what + ": " + cudaGetErrorName(err) + " (" +
-                      cudaGetErrorString(err) + ")");
+  if (err == cudaSuccess) return;
+  cudaGetLastError();
+  throw CudaError(std::string("pyco CUDA: ") + what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                  ")");
 }
+
+// cudaSuccess when the current device can run this build's kernels (loads one: a missing image for the
+// device's architecture, or PTX newer than the driver, shows here). Defined in support.cu.
+cudaError_t kernel_image_status();
 
 // Makes `device` current for the calls of one scope and restores the caller's device.
 class DeviceGuard {

@@ -1,5 +1,5 @@
-// The rule-independent kernels of a step: finalize (statistics per block in chunk order, step counters) and
-// the non-finite gradient check of nonfinite="skip".
+// The rule-independent kernels of a step: finalize (statistics per block in chunk order, step counters, SGD's
+// device init flags) and the non-finite gradient check of nonfinite="skip".
 #include <algorithm>
 #include <climits>
 
@@ -12,21 +12,15 @@ namespace {
 constexpr int64_t kMaxGrid = 65535;  // grid-stride loops cover the rest
 
 // Thread blocks b, b + gridDim.x, ...: statistics block b = Σ of its chunks' rows, summed by each thread in
-// chunk order and then in block_sum's fixed tree. Threads r, r + stride, ...: step counter of record r.
-__global__ void __launch_bounds__(kThreads) finalize_kernel(const Launch L, bool step_counters) {
+// chunk order and then in block_sum's fixed tree. Threads r, r + stride, ...: record r's step field
+// (finish_record: Adam's counter, SGD's init flag), `records` says whether any needs it.
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const Launch L, bool records, bool step_counters) {
   const bool skipped = launch_skipped(L);
   const PlanView plan = plan_of(L);
-  if (step_counters && !skipped) {
+  if (records && !skipped) {
     const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < L.num_records; r += stride) {
-      const TensorRecord& rec = plan.recs[r];
-      if (!rec.step) continue;
-      if (((rec.codes >> 8) & 0xff) == kF64) {
-        *reinterpret_cast<double*>(rec.step) += 1.0;
-      } else {
-        *reinterpret_cast<float*>(rec.step) += 1.0f;
-      }
-    }
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < L.num_records; r += stride)
+      finish_record(plan.recs[r], step_counters);
   }
   if (!L.stats) return;
   const auto* partials = reinterpret_cast<const double*>(L.partials);
@@ -63,20 +57,22 @@ __device__ __forceinline__ bool has_nonfinite(const S* grad, int64_t begin, int6
 }
 
 // One thread block per chunk; any block that finds an inf or NaN stores 1 (only ever that value: no race
-// on the result).
+// on the result). A block that sees the flag already set skips the scan, but every thread still reaches the
+// barrier (threads of one block may read the flag before and after another block sets it).
 __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const Launch L, float* flag) {
-  if (*flag != 0.0f) return;
-  const ChunkView ch = chunk_of(plan_of(L), blockIdx.x);
-  const TensorRecord& r = ch.rec;
-  const int64_t begin = ch.begin, end = ch.end;
-  const bool vector = (r.grad & 15) == 0;
   bool bad = false;
-  switch (static_cast<int32_t>(r.codes & 0xff)) {
-    case kF32: bad = has_nonfinite(reinterpret_cast<const float*>(r.grad), begin, end, vector); break;
-    case kF64: bad = has_nonfinite(reinterpret_cast<const double*>(r.grad), begin, end, vector); break;
-    case kF16: bad = has_nonfinite(reinterpret_cast<const __half*>(r.grad), begin, end, vector); break;
-    case kBF16: bad = has_nonfinite(reinterpret_cast<const __nv_bfloat16*>(r.grad), begin, end, vector); break;
-    default: break;
+  if (*flag == 0.0f) {
+    const ChunkView ch = chunk_of(plan_of(L), blockIdx.x);
+    const TensorRecord& r = ch.rec;
+    const int64_t begin = ch.begin, end = ch.end;
+    const bool vector = (r.grad & 15) == 0;
+    switch (static_cast<int32_t>(r.codes & 0xff)) {
+      case kF32: bad = has_nonfinite(reinterpret_cast<const float*>(r.grad), begin, end, vector); break;
+      case kF64: bad = has_nonfinite(reinterpret_cast<const double*>(r.grad), begin, end, vector); break;
+      case kF16: bad = has_nonfinite(reinterpret_cast<const __half*>(r.grad), begin, end, vector); break;
+      case kBF16: bad = has_nonfinite(reinterpret_cast<const __nv_bfloat16*>(r.grad), begin, end, vector); break;
+      default: break;
+    }
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1.0f;
 }
@@ -95,13 +91,19 @@ void check_launch(const Launch& L, const char* rule, bool needs_params) {
     fail("grad_scale must be > 0, got " + std::to_string(L.grad_scale_value));
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes{};
+  return cudaFuncGetAttributes(&attributes, finalize_kernel);
+}
+
 void launch_finalize(const Launch& L, bool step_counters) {
-  const int64_t for_steps = step_counters ? (L.num_records + kThreads - 1) / kThreads : 0;
+  const bool records = step_counters || (L.dtypes & kPlanInitFlags);
+  const int64_t for_steps = records ? (L.num_records + kThreads - 1) / kThreads : 0;
   const int64_t for_stats = L.stats ? L.num_blocks : 0;
   const int64_t grid = std::min(std::max(for_steps, for_stats), kMaxGrid);
   if (grid == 0) return;
   finalize_kernel<<<static_cast<unsigned>(grid), kThreads, 0, reinterpret_cast<cudaStream_t>(L.stream)>>>(
-      L, step_counters);
+      L, records, step_counters);
   check_cuda(cudaGetLastError(), "launching the finalize kernel");
 }
 

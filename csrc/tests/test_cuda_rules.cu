@@ -1,16 +1,20 @@
 // Host-only test of the CUDA kernels' arithmetic (no GPU needed): the rules (cuda/rules.cuh) and the element
 // pipeline (cuda/element.cuh) that the kernels run, executed here on the host over whole tensors, must give
 // the CPU kernels' results bitwise (parameters, unscaled gradients, state, step counters) and their
-// statistics to rounding. Also checks the plan (chunk table) and the storage conversions. Prints one line
-// per test; main returns the number of failures.
+// statistics to rounding. Also checks the plan (chunk table), the storage conversions, SGD's device init flag
+// and the bounded pool of pinned staging buffers (with a fake device). Prints one line per test; main returns
+// the number of failures.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "cuda/element.cuh"
+#include "cuda/staging.h"
 #include "kernels.h"
 #include "tests/check.h"
 
@@ -79,7 +83,7 @@ void emulate(const TensorRecord& r, const typename Rule::Params& params, double 
     for (int k = 0; k < 3; ++k) if (has[k]) st[k][i] = s[k];
     for (int k = 0; k < 4; ++k) stats[k] += static_cast<double>(one.v[k]);
   }
-  if (Rule::kStepCounters) *reinterpret_cast<float*>(r.step) += 1.0f;  // the finalize kernel's work
+  finish_record(r, Rule::kStepCounters);  // the finalize kernel's work
 }
 
 template <typename Rule>
@@ -105,10 +109,12 @@ bool stats_close(const double (&a)[4], const double* b, double rtol) {
 }
 
 // One tensor of n elements through both paths; `states` slots get buffers (v-like slots are positive).
+// init_flag >= 0: the emulated record carries SGD's device init flag (kFlagMomentumInitFlag, an int32 of that
+// value) and the CPU record the host flag it stands for (fresh iff 0); afterwards the flag must be 1.
 template <typename Rule, typename Hyper>
 void check_rule(const std::string& name, const Hyper& hyper, int states, int32_t dt, double grad_scale, int32_t flags,
                 const LrSource& lr, void (*cpu_step)(const TensorRecord*, int64_t, const Hyper*, int64_t,
-                                                     const LaunchOptions&)) {
+                                                     const LaunchOptions&), int32_t init_flag = -1) {
   const int64_t n = 3 * 1024 + 7;
   Tensor cpu;
   cpu.p = Buf(dt, n, 1.0, false);
@@ -123,12 +129,16 @@ void check_rule(const std::string& name, const Hyper& hyper, int states, int32_t
   opt.num_blocks = 1;
   Hyper cpu_hyper = hyper;
   if (lr.address) cpu_hyper.lr = read_scalar(lr.address, lr.dtype);  // what Python passes the CPU kernel
-  const TensorRecord rc = cpu.record(n, dt, flags);
+  const int32_t cpu_flags = init_flag < 0 ? flags : init_flag == 0 ? kFlagFreshMomentum : 0;
+  const TensorRecord rc = cpu.record(n, dt, cpu_flags);
   cpu_step(&rc, 1, &cpu_hyper, 1, opt);
   typename Rule::Params params{hyper, lr};
   double emulated[4] = {};
-  emulate_dtype<Rule>(dt, gpu.record(n, dt, flags), params, grad_scale, emulated);
-  const bool same = cpu == gpu;
+  int32_t device_flag = init_flag;
+  TensorRecord rg = gpu.record(n, dt, init_flag < 0 ? flags : kFlagMomentumInitFlag);
+  if (init_flag >= 0) rg.step = reinterpret_cast<int64_t>(&device_flag);
+  emulate_dtype<Rule>(dt, rg, params, grad_scale, emulated);
+  const bool same = cpu == gpu && (init_flag < 0 || device_flag == 1);
   report(name + " " + dtype_name(dt) + (grad_scale != 1.0 ? " scaled" : "") + ": bitwise", same);
   report(name + " " + dtype_name(dt) + (grad_scale != 1.0 ? " scaled" : "") + ": statistics",
          stats_close(emulated, cpu_stats, dt == kF64 ? 1e-12 : 1e-5));
@@ -151,6 +161,11 @@ void test_rules() {
     for (int32_t dt : dtypes)
       for (double s : scales)
         check_rule<SgdRule>(c.name, c.h, c.h.momentum != 0.0 ? 1 : 0, dt, s, c.flags, c.lr, &cpu::sgd_step);
+  const SgdHyper damped{0.05, 0.9, 0.5, 0.01, false, false};
+  for (int32_t dt : dtypes) {
+    check_rule<SgdRule>("sgd device init flag 0 (fresh)", damped, 1, dt, 1.0, 0, {}, &cpu::sgd_step, 0);
+    check_rule<SgdRule>("sgd device init flag 1", damped, 1, dt, 1.0, 0, {}, &cpu::sgd_step, 1);
+  }
   struct AdamCase { const char* name; AdamHyper h; LrSource lr; };
   const AdamCase adam[] = {
       {"adam", {1e-2, 0.9, 0.999, 1e-8, 0.0, false, false, false}, {}},
@@ -217,6 +232,161 @@ void test_plan() {
   report("plan: a block index out of range is rejected", threw);
 }
 
+// SGD's device init flag in the plan: accepted (and announced in the dtype mask) only with its address and
+// only for rules without step counters; never together with the host flag.
+void test_plan_init_flags() {
+  int32_t flag = 0;
+  TensorRecord r{};
+  r.param = r.grad = 64;
+  r.numel = 5;
+  r.step = reinterpret_cast<int64_t>(&flag);
+  r.codes = kF32 | (int64_t{kFlagMomentumInitFlag} << 16);
+  int64_t num_chunks = 0, dtypes = 0;
+  make_plan(&r, 1, 1, 1, false, num_chunks, dtypes);
+  report("plan: a device init flag sets kPlanInitFlags in the dtype mask",
+         dtypes == ((int64_t{1} << kF32) | kPlanInitFlags));
+  TensorRecord plain = r;
+  plain.codes = kF32;
+  make_plan(&plain, 1, 1, 1, false, num_chunks, dtypes);
+  report("plan: no init flag, no kPlanInitFlags", dtypes == (int64_t{1} << kF32));
+  auto rejected = [&](TensorRecord bad, bool needs_step) {
+    try {
+      make_plan(&bad, 1, 1, 1, needs_step, num_chunks, dtypes);
+    } catch (const KernelError&) {
+      return true;
+    }
+    return false;
+  };
+  TensorRecord no_address = r, both = r, unaligned = r;
+  no_address.step = 0;
+  both.codes |= int64_t{kFlagFreshMomentum} << 16;
+  unaligned.step += 2;
+  report("plan: an init flag without its address, with the host flag, unaligned, or with step counters is "
+         "rejected", rejected(no_address, false) && rejected(both, false) && rejected(unaligned, false) &&
+                         rejected(r, true));
+  // finish_record: the flag becomes 1; Adam's counters advance only with step_counters
+  flag = 0;
+  finish_record(r, false);
+  float counter = 4.0f;
+  TensorRecord adam{};
+  adam.step = reinterpret_cast<int64_t>(&counter);
+  adam.codes = kF32 | (kF32 << 8);
+  finish_record(adam, false);
+  const bool untouched = counter == 4.0f;
+  finish_record(adam, true);
+  report("finish_record: init flag set to 1, step counters advanced only for rules that have them",
+         flag == 1 && untouched && counter == 5.0f);
+}
+
+// A fake device for the staging pool: event e completes at "time" due[e] (0: never recorded, done); the test
+// advances `now` by one per upload, and waiting for an event completes that copy now. Allocations are
+// tracked so that frees can be checked.
+struct FakeStaging {
+  using Event = int;
+  std::vector<int64_t> due{0};
+  int64_t now = 0;
+  std::set<uintptr_t> live;
+  uintptr_t next = 4096;
+  bool bad_free = false;
+  void* allocate(size_t n) {
+    const uintptr_t p = next;
+    next += n;
+    live.insert(p);
+    return reinterpret_cast<void*>(p);
+  }
+  void free(void* p) { bad_free |= live.erase(reinterpret_cast<uintptr_t>(p)) != 1; }
+  Event create_event() {
+    due.push_back(0);
+    return static_cast<int>(due.size()) - 1;
+  }
+  void destroy_event(Event e) { due[e] = -1; }
+  bool done(Event e) { return due[e] <= now; }
+  void wait(Event e) { due[e] = std::min(due[e], now); }
+};
+
+using FakePool = StagingPool<FakeStaging>;
+
+// One upload as host.cpp does it: acquire, then the copy's event, due `latency` uploads later.
+FakePool::Buffer* fake_upload(FakePool& pool, size_t n, int64_t latency, bool capturing = false, int device = 0) {
+  FakePool::Buffer* b = pool.acquire(device, n, capturing);
+  FakeStaging& dev = pool.backend();
+  if (!capturing) dev.due[b->done] = dev.now + latency;
+  dev.now += 1;
+  return b;
+}
+
+void test_staging_pool() {
+  const size_t sizes[] = {56, 64, 200 * 1024, 3 << 20, 4000, 56};
+  {  // a device a few uploads behind, sizes changing every upload (params and plans of varying length)
+    FakePool pool(FakeStaging{}, 32, size_t{64} << 20);
+    bool bounded = true, fits = true;
+    for (int i = 0; i < 1000; ++i) {
+      const size_t n = sizes[i % 6] + static_cast<size_t>(i % 7) * 8;
+      fits &= fake_upload(pool, n, 5)->size >= n;
+      const auto c = pool.counters();
+      bounded &= c.buffers <= 32 && c.bytes <= (int64_t{64} << 20);
+    }
+    const auto c = pool.counters();
+    report("staging: 1000 changing uploads, device 5 behind: buffers fit, pool bounded, no waits",
+           bounded && fits && c.waits == 0 && c.allocations <= 32 &&
+               c.buffers == static_cast<int64_t>(pool.backend().live.size()) && !pool.backend().bad_free);
+  }
+  {  // a device that never catches up by itself: the pool waits for the oldest copy instead of growing
+    FakePool pool(FakeStaging{}, 8, size_t{64} << 20);
+    bool bounded = true;
+    for (int i = 0; i < 1000; ++i) {
+      fake_upload(pool, 64 + i % 13, 1000000);
+      bounded &= pool.counters().buffers <= 8;
+    }
+    const auto c = pool.counters();
+    report("staging: 1000 uploads, device stalled: at most 8 buffers, the host waits for the oldest copy",
+           bounded && c.buffers == 8 && c.waits == 1000 - 8 && c.allocations == 8 && c.frees == 0);
+  }
+  {  // the byte limit: idle buffers are freed (least recently used first); one oversize upload stands alone
+    FakePool pool(FakeStaging{}, 32, size_t{1} << 20);
+    FakePool::Buffer* a = fake_upload(pool, 300 * 1024, 5);  // 512 KiB
+    fake_upload(pool, 300 * 1024, 5);                         // a is still in flight: a second one
+    bool two = pool.counters().buffers == 2 && pool.counters().bytes == (int64_t{1} << 20);
+    FakePool::Buffer* big = fake_upload(pool, 3 << 20, 1);  // 4 MiB: waits for both, frees them
+    const auto c = pool.counters();
+    const bool alone = c.buffers == 1 && big->size == (size_t{4} << 20) && c.frees == 2 && c.waits == 2;
+    fake_upload(pool, 100, 1);  // 4 KiB would exceed 1 MiB next to the 4 MiB buffer, which is idle: freed
+    const auto d = pool.counters();
+    report("staging: byte limit frees idle buffers; an upload larger than the limit gets a buffer alone",
+           a != nullptr && two && alone && d.buffers == 1 && d.bytes == 4096 && !pool.backend().bad_free);
+  }
+  {  // smallest idle fit; buffers of another device are not used
+    FakePool pool(FakeStaging{}, 32, size_t{64} << 20);
+    FakePool::Buffer* small = fake_upload(pool, 100, 1);
+    FakePool::Buffer* large = fake_upload(pool, 1 << 20, 1);
+    pool.backend().now += 10;
+    FakePool::Buffer* again = fake_upload(pool, 200, 1);
+    FakePool::Buffer* other = fake_upload(pool, 200, 1, false, 1);
+    report("staging: the smallest idle buffer that fits is reused; devices keep their own",
+           again == small && again != large && other != small && other != large &&
+               pool.counters().allocations == 3);
+  }
+  {  // buffers of a captured graph leave the pool for good
+    FakePool pool(FakeStaging{}, 4, size_t{64} << 20);
+    FakePool::Buffer* kept = fake_upload(pool, 100, 0, true);
+    bool never = true;
+    for (int i = 0; i < 50; ++i) never &= fake_upload(pool, 100, 0) != kept;
+    const auto c = pool.counters();
+    report("staging: a buffer filled during capture is never reused or freed (counted apart)",
+           never && c.captured == 1 && c.captured_bytes == 4096 && c.buffers == 1 &&
+               pool.backend().live.count(reinterpret_cast<uintptr_t>(kept->host)) == 1);
+  }
+  {  // lowering the limits frees idle buffers beyond them at the next upload
+    FakePool pool(FakeStaging{}, 32, size_t{64} << 20);
+    for (int i = 0; i < 10; ++i) fake_upload(pool, 100, 20);  // ten in flight
+    pool.backend().now += 100;
+    pool.set_limits(2, size_t{64} << 20);
+    fake_upload(pool, 100, 1);
+    const auto c = pool.counters();
+    report("staging: lowered limits take effect at the next upload", c.buffers == 2 && c.frees == 8);
+  }
+}
+
 // The device storage conversions are the CPU's (round to nearest even), NaN payloads aside.
 void test_conversions() {
   bool widen = true, narrow_h = true, narrow_b = true;
@@ -255,6 +425,8 @@ void test_conversions() {
 int main() {
   test_conversions();
   test_plan();
+  test_plan_init_flags();
+  test_staging_pool();
   test_amsgrad_nan_propagates();
   test_rules();
   return pyco::test::finish();

@@ -15,11 +15,14 @@ not count them and ``last_stats.skipped`` is a 0-dim bool tensor on the device (
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from pyco import blocks as _blocks
 from pyco._ext import cuda_kernels
 from pyco._kernels import DTYPE_CODES, Table
+from pyco.optim import _door
 from pyco.stats import FIELDS, BlockStats
 
 _LR_DTYPES = (torch.float32, torch.float64)
@@ -90,12 +93,12 @@ def split_by_device(work) -> list[tuple[torch.device, list]]:
     """``work`` (from ``FusedOptimizer._collect``) per device of its parameters, devices in order of first
     appearance; every group stays in every part (group indices index the hyper-parameters)."""
     devices: dict[torch.device, None] = {}
-    for _, _, pairs in work:
-        for p, _ in pairs:
+    for _, _, triples in work:
+        for _, p, _ in triples:
             devices.setdefault(p.device, None)
     if len(devices) <= 1:
         return [(device, work) for device in devices]
-    return [(device, [(gi, group, [(p, g) for p, g in pairs if p.device == device]) for gi, group, pairs in work])
+    return [(device, [(gi, group, [t for t in triples if t[1].device == device]) for gi, group, triples in work])
             for device in devices]
 
 
@@ -106,9 +109,8 @@ def check_devices(opt, parts) -> None:
         return
     found = {}
     for device, work in parts:
-        for gi, group, pairs in work:
-            for p, _ in pairs[:1]:
-                pi = next(i for i, q in enumerate(group["params"]) if q is p)
+        for gi, group, triples in work:
+            for pi, p, _ in triples[:1]:
                 found.setdefault(device.type, f"{_blocks.describe_param(gi, pi, p)} on {device}")
     raise ValueError(
         f"{type(opt).__name__}: parameters on several kinds of device in one step ({found.get('cpu')} and "
@@ -117,17 +119,17 @@ def check_devices(opt, parts) -> None:
     )
 
 
-def _table(opt, device: torch.device, work, index) -> tuple[Table, list, list[int], list[int]]:
-    table = Table()
+def _hypers(opt, device: torch.device, keep: list) -> tuple[list, list[int], list[int]]:
+    """The groups' hyper-parameters for a launch on ``device``; a tensor lr in device memory is passed by
+    address (read by the kernel at every launch: no synchronization, and a captured graph sees its updates)."""
     hypers, lr_addresses, lr_dtypes = [], [], []
-    for gi, group, pairs in work:
+    for group in opt.param_groups:
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.device.type == "cuda":
-            # read by the kernel at every launch: no synchronization, and a captured graph sees its updates
             if lr.device != device or lr.dtype not in _LR_DTYPES:
                 lr = lr.to(device=device, dtype=lr.dtype if lr.dtype in _LR_DTYPES else torch.float32,
                            non_blocking=True)
-                table.keep.append(lr)
+                keep.append(lr)
             hypers.append(opt._hyper({**group, "lr": 0.0}))
             lr_addresses.append(lr.data_ptr())
             lr_dtypes.append(DTYPE_CODES[lr.dtype])
@@ -135,10 +137,7 @@ def _table(opt, device: torch.device, work, index) -> tuple[Table, list, list[in
             hypers.append(opt._hyper(group))
             lr_addresses.append(0)
             lr_dtypes.append(0)
-        for p, g in pairs:
-            states, step, flags = opt._states(p, group)
-            table.add(p, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
-    return table, hypers, lr_addresses, lr_dtypes
+    return hypers, lr_addresses, lr_dtypes
 
 
 def _on(t: torch.Tensor, device: torch.device, keep: list) -> torch.Tensor:
@@ -148,11 +147,63 @@ def _on(t: torch.Tensor, device: torch.device, keep: list) -> torch.Tensor:
     return moved
 
 
-def launch(opt, work, names: tuple[str, ...], index: dict[int, int]) -> BlockStats | None:
-    """``FusedOptimizer._launch`` for CUDA parameters: one launch per device; sets and returns ``last_stats``."""
-    C = cuda_kernels()
+# Devices whose driver and kernel image passed check_device in this process (once each).
+_USABLE_DEVICES: set = set()
+
+
+def check_device_usable(C, parts) -> None:
+    """Once per device and process, before its first launch: pyco._C_cuda.check_device raises a RuntimeError
+    that says what to install when the NVIDIA driver is too old for the CUDA runtime pyco was built with,
+    the device does not exist, or this build has no kernel image for it."""
+    for device, _ in parts:
+        if device not in _USABLE_DEVICES:
+            C.check_device(device.index)
+            _USABLE_DEVICES.add(device)
+
+
+class PlannedTable:
+    """A refreshed :class:`pyco._C.Plan` seen as a table: its records, nothing to write back, no state to
+    create."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.records = array("q")
+        self.records.frombytes(plan.records())
+        self.keep: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self.plan.num_records
+
+    def write_back(self, *, grads: bool) -> None:
+        self.plan.drop_held()  # the launch is enqueued: the caching allocator orders any reuse after it
+
+
+def prepare(opt, work, index: dict[int, int], candidates) -> list[tuple[torch.device, _door.Prepared]]:
+    """Every device's table, checked (state still pending), before anything is uploaded or launched. The
+    candidates go with a single device's table (a plan can take it over); several devices are prepared in
+    Python every step."""
     parts = split_by_device(work)
     check_devices(opt, parts)
+    return [(device, _door.prepare(opt, part, index, candidates if len(parts) == 1 else []))
+            for device, part in parts]
+
+
+def launch(opt, work, names: tuple[str, ...], index: dict[int, int]) -> BlockStats | None:
+    """``FusedOptimizer._launch`` for CUDA parameters prepared in Python: one launch per device; sets and
+    returns ``last_stats``."""
+    return launch_tables(opt, prepare(opt, work, index, []), names)
+
+
+def launch_plan(opt, plan, device: torch.device, names: tuple[str, ...]) -> BlockStats | None:
+    """A planned launch on one device (``plan.refresh`` has put this step's gradients in)."""
+    return launch_tables(opt, [(device, PlannedTable(plan))], names)
+
+
+def launch_tables(opt, tables, names: tuple[str, ...]) -> BlockStats | None:
+    """One launch per device of ``tables`` ([(device, Prepared or PlannedTable)]); a Prepared's pending state
+    is committed just before the launches and rolled back if they raise."""
+    C = cuda_kernels()
+    check_device_usable(C, tables)
     rule = opt._rule
     plans = opt.__dict__.setdefault("_device_plans", {})
     grad_scale = getattr(opt, "grad_scale", None)
@@ -161,8 +212,9 @@ def launch(opt, work, names: tuple[str, ...], index: dict[int, int]) -> BlockSta
     keep: list[torch.Tensor] = []  # temporaries that must outlive the launches (stream-ordered frees)
 
     prepared = []
-    for device, part in parts:
-        table, hypers, lr_addresses, lr_dtypes = _table(opt, device, part, index)
+    for device, door in tables:
+        table = door.table if isinstance(door, _door.Prepared) else door
+        hypers, lr_addresses, lr_dtypes = _hypers(opt, device, table.keep)
         plan = plans.get(device)
         if plan is None:
             plan = plans[device] = DevicePlan(device)
@@ -170,36 +222,44 @@ def launch(opt, work, names: tuple[str, ...], index: dict[int, int]) -> BlockSta
         capturing = C.stream_is_capturing(device.index, stream.cuda_stream)
         plan.prepare(C, rule, table, hypers, lr_addresses, lr_dtypes, num_blocks, opt.stats, stream, capturing)
         prepared.append((device, plan, table, stream))
+    doors = [door for _, door in tables if isinstance(door, _door.Prepared)]
+    for door in doors:
+        door.commit(opt.state)
+    try:
 
     # What skips the step, decided on the device: GradScaler's found_inf, the non-finite check.
-    flags = [None if found_inf is None else _on(found_inf, device, keep) for device, *_ in prepared]
-    if opt.nonfinite == "skip":
-        for i, (device, plan, _, stream) in enumerate(prepared):
-            flag = torch.zeros((), dtype=torch.float32, device=device) if flags[i] is None else flags[i].clone()
-            C.flag_nonfinite(flag=flag.data_ptr(), plan=_address(plan.plan), num_records=plan.num_records,
-                             num_chunks=plan.num_chunks, num_blocks=plan.num_blocks, device=device.index,
-                             stream=stream.cuda_stream)
-            flags[i] = flag
-        if len(prepared) > 1:  # every device skips, or none does
-            first = prepared[0][0]
-            total = sum(f.to(first, non_blocking=True) for f in flags)
-            flags = [total if device == first else _on(total, device, keep) for device, *_ in prepared]
+        flags = [None if found_inf is None else _on(found_inf, device, keep) for device, *_ in prepared]
+        if opt.nonfinite == "skip":
+            for i, (device, plan, _, stream) in enumerate(prepared):
+                flag = torch.zeros((), dtype=torch.float32, device=device) if flags[i] is None else flags[i].clone()
+                C.flag_nonfinite(flag=flag.data_ptr(), plan=_address(plan.plan), num_records=plan.num_records,
+                                 num_chunks=plan.num_chunks, num_blocks=plan.num_blocks, device=device.index,
+                                 stream=stream.cuda_stream)
+                flags[i] = flag
+            if len(prepared) > 1:  # every device skips, or none does
+                first = prepared[0][0]
+                total = sum(f.to(first, non_blocking=True) for f in flags)
+                flags = [total if device == first else _on(total, device, keep) for device, *_ in prepared]
 
-    values = None
-    for (device, plan, table, stream), flag in zip(prepared, flags):
-        dev_values = torch.empty((num_blocks, len(FIELDS)), dtype=torch.float64, device=device) if opt.stats else None
-        scale_address, scale_value = 0, 1.0
-        if isinstance(grad_scale, torch.Tensor):
-            scale_address = _on(grad_scale, device, keep).data_ptr()
-        elif grad_scale is not None:
-            scale_value = float(grad_scale)
-        getattr(C, f"{rule}_step")(
-            **plan.addresses(), grad_scale=scale_address, grad_scale_value=scale_value,
-            found_inf=_address(flag), partials=_address(plan.partials) if opt.stats else 0,
-            stats=_address(dev_values) if num_blocks else 0, device=device.index, stream=stream.cuda_stream)
-        table.write_back()
-        if dev_values is not None:
-            values = dev_values if values is None else values.add_(dev_values.to(values.device, non_blocking=True))
+        values = None
+        for (device, plan, table, stream), flag in zip(prepared, flags):
+            dev_values = torch.empty((num_blocks, len(FIELDS)), dtype=torch.float64, device=device) if opt.stats else None
+            scale_address, scale_value = 0, 1.0
+            if isinstance(grad_scale, torch.Tensor):
+                scale_address = _on(grad_scale, device, keep).data_ptr()
+            elif grad_scale is not None:
+                scale_value = float(grad_scale)
+            getattr(C, f"{rule}_step")(
+                **plan.addresses(), grad_scale=scale_address, grad_scale_value=scale_value,
+                found_inf=_address(flag), partials=_address(plan.partials) if opt.stats else 0,
+                stats=_address(dev_values) if num_blocks else 0, device=device.index, stream=stream.cuda_stream)
+            table.write_back(grads=grad_scale is not None)
+            if dev_values is not None:
+                values = dev_values if values is None else values.add_(dev_values.to(values.device, non_blocking=True))
+    except BaseException:  # nothing was enqueued, or the device reported an error: the state goes back
+        for door in doors:
+            door.rollback()
+        raise
 
     skipped = False if flags[0] is None else flags[0] != 0
     opt.last_stats = None if values is None else BlockStats(names, values, skipped)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import threading
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -15,7 +18,8 @@ from torch.optim import Optimizer
 
 from pyco import blocks as _blocks
 from pyco._ext import has_cuda_kernels
-from pyco._kernels import SUPPORTED_DTYPES, Table, grads_all_finite
+from pyco._kernels import SUPPORTED_DTYPES, grads_all_finite
+from pyco.optim import _door
 from pyco.stats import BlockStats
 
 log = logging.getLogger("pyco")
@@ -28,12 +32,15 @@ def check_number(name: str, value, *, low: float = 0.0, high: float | None = Non
     device memory is checked for its shape only, and NaN returned: reading it would wait for the device."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {list(value.shape)}")
+            label = "lr" if name == "learning rate" else name  # torch's wording
+            raise ValueError(f"Tensor {label} must be 1-element, got shape {list(value.shape)}")
         if value.device.type != "cpu":
             return math.nan
         number = float(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        number = float(value)  # Python and numpy scalars
+    elif getattr(value, "shape", None) == () and getattr(getattr(value, "dtype", None), "kind", "") in "fiu":
+        number = float(value)  # a 0-d numpy array
     else:
         raise TypeError(f"Invalid {name}: {value!r} (expected a number)")
     bound = "" if high is None else (f" < {high}" if high_open else f" <= {high}")
@@ -67,7 +74,10 @@ class FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._block_spec = None if blocks is None else _blocks.Blocks.of(blocks)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
-        self._foreign_blocks = None  # (Blocks, parameter count, names, index, where) of the last step_blocks
+        self._foreign_blocks = None  # (Blocks, groups snapshot, names, index, where) of the last step_blocks
+        self._lock = threading.RLock()  # one step at a time: steps from several threads are serialised
+        self._plans: dict = {}  # launch kind -> (pyco._C.Plan, signature, blocks, device) (pyco.optim._door)
+        self._launches = {"planned": 0, "prepared": 0}  # how the launches were prepared (tests read it)
 
     # Attributes of pyco's own that a copy or a pickle keeps (torch.optim.Optimizer.__getstate__ keeps only
     # defaults, state and param_groups); the id()-keyed lookups are rebuilt instead.
@@ -85,6 +95,9 @@ class FusedOptimizer(Optimizer):
             self.__dict__.setdefault(key, value)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
         self._foreign_blocks = None
+        self._lock = threading.RLock()
+        self._plans = {}
+        self._launches = {"planned": 0, "prepared": 0}
 
     # ---- construction -------------------------------------------------------------------------------
 
@@ -137,31 +150,32 @@ class FusedOptimizer(Optimizer):
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def _collect(self, only: dict[int, list] | None = None) -> list[tuple[int, dict, list[tuple]]]:
-        """Parameters with gradients, per group (every group, in order), after checking every one of them.
-        ``only`` ({group index: [(param index, param)]}) restricts the parameters looked at. Changes nothing."""
-        work = []
+    def _collect(self, only: dict[int, list] | None = None):
+        """Parameters with gradients, per group (every group, in order), after checking every gradient, and
+        every parameter considered (``candidates``, with or without a gradient). ``only`` ({group index:
+        [(param index, param)]}) restricts the parameters looked at. Changes nothing."""
+        work, candidates = [], []
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group)
-            pairs = []
+            triples = []
             for pi, p in (enumerate(group["params"]) if only is None else only.get(gi, ())):
+                candidates.append(p)
                 g = p.grad
                 if g is None:
                     continue
                 if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
-                        or not ((p.is_cpu and g.is_cpu) or _on_one_cuda_device(p, g))):
+                        or g.layout != torch.strided or not ((p.is_cpu and g.is_cpu) or _on_one_cuda_device(p, g))):
                     self._reject_grad(gi, pi, p, g)
-                pairs.append((p, g))
-            work.append((gi, group, pairs))
-        return work
+                triples.append((pi, p, g))
+            work.append((gi, group, triples))
+        return work, candidates
 
     def _reject_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
         self._check_param(gi, pi, p)
         where = f"{type(self).__name__}: {_blocks.describe_param(gi, pi, p)}"
-        if g.is_sparse:
+        if g.is_sparse or g.layout != torch.strided:
             raise RuntimeError(
-                f"{where} has a sparse gradient, which pyco does not support; use torch.optim.SparseAdam "
-                "or a dense embedding (nn.Embedding(sparse=False))"
+                f"{where} has a sparse gradient ({g.layout}), which pyco does not support; use "
+                "torch.optim.SparseAdam or a dense embedding (nn.Embedding(sparse=False))"
             )
         raise ValueError(
             f"{where} has a gradient of {g.dtype}, shape {list(g.shape)} on {g.device}; "
@@ -179,16 +193,21 @@ class FusedOptimizer(Optimizer):
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss.
+
+        A step is all or nothing: every tensor is checked before anything is written, and a step that
+        raises leaves parameters, gradients and state as they were. Steps of one optimizer from several
+        threads are serialised (the closure included).
         """
-        loss = None
-        if closure is not None:
-            if not callable(closure):
-                raise TypeError(f"{type(self).__name__}.step: closure must be callable (or None), "
-                                f"got {type(closure).__name__}")
-            with torch.enable_grad():
-                loss = closure()
-        self._launch(self._collect(), self._block_names, self._block_index)
-        return loss
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step: closure must be callable (or None), "
+                            f"got {type(closure).__name__}")
+        with self._lock:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._launch(("all",), None, self._block_names, self._block_index)
+            return loss
 
     @torch.no_grad()
     def step_blocks(self, blocks: _blocks.Blocks, active) -> BlockStats | None:
@@ -200,7 +219,7 @@ class FusedOptimizer(Optimizer):
         Args:
             blocks (pyco.blocks.Blocks): a partition of this optimizer's parameters, which may differ from the
                 optimizer's own ``blocks`` (an order wrapper's, for instance).
-            active (iterable of str): names of the blocks of ``blocks`` to update.
+            active (iterable of str): names of the blocks of ``blocks`` to update, each once.
 
         Returns the statistics of the launch, one row per block of ``blocks`` (rows of inactive blocks are
         zero); ``last_stats`` holds the same. None when ``stats=False``.
@@ -212,45 +231,81 @@ class FusedOptimizer(Optimizer):
             loss.backward()
             opt.step_blocks(blocks, ["3"])   # only module 3 moves
         """
-        names, index, where = self._resolve_foreign(blocks)
-        only: dict[int, list] = {}  # only the active blocks' tensors are looked at, not every parameter
-        for name in active:
-            if name not in blocks:
-                raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
-            for p in blocks[name]:
-                gi, pi = where[id(p)]
-                only.setdefault(gi, []).append((pi, p))
-        return self._launch(self._collect(only), names, index)
+        with self._lock:
+            names, index, where = self._resolve_foreign(blocks)
+            active = tuple(active)
+            if len(set(active)) != len(active):
+                twice = sorted({name for name in active if active.count(name) > 1}, key=str)
+                raise ValueError(f"step_blocks: blocks {twice} are named more than once in active; name each "
+                                 "block once (a block moves once per launch)")
+            only: dict[int, list] = {}  # only the active blocks' tensors are looked at, not every parameter
+            for name in active:
+                if name not in blocks:
+                    raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
+                for p in blocks[name]:
+                    gi, pi = where[id(p)]
+                    only.setdefault(gi, []).append((pi, p))
+            for pairs in only.values():
+                pairs.sort(key=lambda pair: pair[0])
+            return self._launch(("blocks", id(blocks), active), only, names, index, blocks)
 
     def _resolve_foreign(self, blocks: _blocks.Blocks) -> tuple[tuple[str, ...], dict[int, int], dict[int, tuple]]:
         """Names, param -> row map and param -> (group, index in group) for ``blocks``, checked to cover this
-        optimizer's parameters exactly once; cached, since an order wrapper passes the same Blocks every step."""
-        count = sum(len(group["params"]) for group in self.param_groups)
+        optimizer's parameters exactly once; cached while ``blocks`` and the param groups stay the same (an
+        order wrapper passes the same Blocks every step)."""
         cached = getattr(self, "_foreign_blocks", None)
-        if cached is None or cached[0] is not blocks or cached[1] != count:
+        if cached is None or cached[0] is not blocks or not _same_groups(cached[1], self.param_groups):
             if not isinstance(blocks, _blocks.Blocks):
                 raise TypeError(f"step_blocks: blocks must be a pyco.blocks.Blocks, got {type(blocks).__name__}")
             names, index = _blocks.resolve(self.param_groups, blocks)
             where = {id(p): (gi, pi) for gi, group in enumerate(self.param_groups)
                      for pi, p in enumerate(group["params"])}
-            self._foreign_blocks = cached = (blocks, count, names, index, where)
+            snapshot = [list(group["params"]) for group in self.param_groups]
+            self._foreign_blocks = cached = (blocks, snapshot, names, index, where)
         return cached[2], cached[3], cached[4]
 
-    def _launch(self, work, names: tuple[str, ...], index: dict[int, int]) -> BlockStats | None:
-        """One kernel launch over ``work`` (from ``_collect``), statistics per block of ``names``/``index``."""
-        if any(p.is_cuda for _, _, pairs in work for p, _ in pairs):
+    def _signature(self) -> tuple:
+        """What decides the records' layout besides the tensors: each group's state slots, the device."""
+        return tuple(self._slots(group) for group in self.param_groups)
+
+    def _launch(self, key, only, names: tuple[str, ...], index: dict[int, int], blocks=None) -> BlockStats | None:
+        """One kernel launch over the parameters (all of them, or ``only``), statistics per block of
+        ``names``/``index``. Planned when a plan for ``key`` still holds, prepared in Python otherwise."""
+        for group in self.param_groups:
+            self._check_group(group)
+        groups = [group["params"] for group in self.param_groups]
+        signature = self._signature()
+        cached = self._plans.get(key)
+        if cached is not None and cached[1] == signature and cached[2] is blocks and isinstance(self.state, dict):
+            plan, device = cached[0], cached[3]
+            if plan.refresh(groups, self.state) is None:
+                self._launches["planned"] += 1
+                if device is None:
+                    return self._run_plan(plan, names)
+                from pyco.optim import _cuda
+
+                return _cuda.launch_plan(self, plan, device, names)
+        self._plans.pop(key, None)
+        work, candidates = self._collect(only)
+        if any(p.is_cuda for _, _, triples in work for _, p, _ in triples):
             if self.nonfinite == "skip-block":
                 raise ValueError(f"{type(self).__name__}: nonfinite='skip-block' is implemented for CPU parameters "
                                  "only; use nonfinite='skip' (the whole step) for CUDA parameters")
             from pyco.optim import _cuda  # one launch per device, no host synchronization
 
-            return _cuda.launch(self, work, names, index)
+            tables = _cuda.prepare(self, work, index, candidates)
+            self._launches["prepared"] += 1
+            stats = _cuda.launch_tables(self, tables, names)
+            if len(tables) == 1:
+                self._keep_plan(key, _door.make_plan(self, tables[0][1], groups), signature, blocks, tables[0][0])
+            return stats
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
             self._skip("GradScaler found inf or NaN gradients", names)
             return self.last_stats
         threads = torch.get_num_threads()
-        if self.nonfinite == "skip" and not grads_all_finite([g for _, _, pairs in work for _, g in pairs], threads):
+        grads = [g for _, _, triples in work for _, _, g in triples]
+        if self.nonfinite == "skip" and not grads_all_finite(grads, threads):
             self._skip("non-finite gradients, nonfinite='skip'", names)
             return self.last_stats
         skipped_blocks = ()
@@ -259,24 +314,64 @@ class FusedOptimizer(Optimizer):
             if skipped_blocks:
                 log.warning("%s: blocks %s skipped (non-finite gradients, nonfinite='skip-block'); their parameters "
                             "and state unchanged", type(self).__name__, list(skipped_blocks))
+        prepared = _door.prepare(self, work, index, candidates)
+        self._launches["prepared"] += 1
+        hypers = [self._hyper(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
-        table = Table()
-        hypers = []
-        for gi, group, pairs in work:
-            hypers.append(self._hyper(group))
-            for p, g in pairs:
-                states, step, flags = self._states(p, group)
-                table.add(p, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
         values = torch.zeros(len(names), 4, dtype=torch.float64) if self.stats else None
-        self._kernel(
-            table.records,
-            hypers,
+        prepared.commit(self.state)
+        try:
+            self._kernel(
+                prepared.table.records,
+                hypers,
+                grad_scale=1.0 if grad_scale is None else float(grad_scale),
+                stats=0 if values is None else values.data_ptr(),
+                num_blocks=len(names),
+                num_threads=threads,
+            )
+        except BaseException:
+            prepared.rollback()
+            raise
+        prepared.table.write_back(grads=grad_scale is not None and float(grad_scale) != 1.0)
+        if not skipped_blocks:
+            self._keep_plan(key, _door.make_plan(self, prepared, groups), signature, blocks, None)
+        self.last_stats = None if values is None else BlockStats(names, values, skipped_blocks=skipped_blocks)
+        return self.last_stats
+
+    def _keep_plan(self, key, plan, signature, blocks, device) -> None:
+        if plan is None:
+            return
+        if len(self._plans) >= _door.MAX_PLANS:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = (plan, signature, blocks, device)
+
+    def _run_plan(self, plan, names: tuple[str, ...]) -> BlockStats | None:
+        """A planned launch (its gradients' addresses were put in by ``plan.refresh``)."""
+        threads = torch.get_num_threads()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            plan.drop_held()
+            self._skip("GradScaler found inf or NaN gradients", names)
+            return self.last_stats
+        if self.nonfinite == "skip" and not plan.all_finite(num_threads=threads):
+            plan.drop_held()
+            self._skip("non-finite gradients, nonfinite='skip'", names)
+            return self.last_stats
+        bad = plan.nonfinite_blocks(num_threads=threads) if self.nonfinite == "skip-block" else []
+        skipped_blocks = tuple(names[b] for b in bad)
+        if skipped_blocks:
+            log.warning("%s: blocks %s skipped (non-finite gradients, nonfinite='skip-block'); their parameters "
+                        "and state unchanged", type(self).__name__, list(skipped_blocks))
+        grad_scale = getattr(self, "grad_scale", None)
+        values = torch.zeros(len(names), 4, dtype=torch.float64) if self.stats else None
+        getattr(plan, f"{self._rule}_step")(
+            [self._hyper(group) for group in self.param_groups],
             grad_scale=1.0 if grad_scale is None else float(grad_scale),
             stats=0 if values is None else values.data_ptr(),
             num_blocks=len(names),
             num_threads=threads,
+            skip_blocks=bad,
         )
-        table.write_back()
         self.last_stats = None if values is None else BlockStats(names, values, skipped_blocks=skipped_blocks)
         return self.last_stats
 
@@ -325,8 +420,8 @@ class FusedOptimizer(Optimizer):
 
 
 def _check_new_group(param_group, index: int) -> None:
-    """What torch.optim accepts with a warning or a KeyError, refused clearly: a group without 'params', a
-    parameter twice in one group."""
+    """What torch.optim accepts with a KeyError, refused clearly: a group without 'params'. A parameter twice
+    in one group gets torch's warning and is kept once (the fused kernel moves each tensor once per step)."""
     if not isinstance(param_group, dict):
         return  # torch's own message
     if "params" not in param_group:
@@ -335,27 +430,38 @@ def _check_new_group(param_group, index: int) -> None:
     params = param_group["params"]
     if isinstance(params, torch.Tensor) or isinstance(params, set):
         return  # torch's own handling (a single tensor; a set is refused)
-    params = param_group["params"] = list(params)
+    params = list(params)
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
         if id(p) in seen:
             shape = list(p.shape) if isinstance(p, torch.Tensor) else "?"
-            raise ValueError(f"param group {index}: params {seen[id(p)]} and {i} are the same tensor (shape {shape});"
-                             f" give each parameter once")
+            warnings.warn(f"optimizer contains a parameter group with duplicate parameters (param group {index}: "
+                          f"params {seen[id(p)]} and {i} are the same tensor, shape {shape}); pyco keeps the first "
+                          "and updates each tensor once per step. Give each parameter once", UserWarning,
+                          stacklevel=4)
+            continue
         seen[id(p)] = i
+    param_group["params"] = [p for i, p in enumerate(params) if seen.get(id(p)) == i]
 
 
 def _drop_nonfinite_blocks(work, names: tuple[str, ...], index: dict[int, int], threads: int):
     """``work`` without the parameters of the blocks whose gradients hold an inf or NaN, and those blocks' names."""
     grads: dict[int, list] = {}
-    for _, _, pairs in work:
-        for p, g in pairs:
+    for _, _, triples in work:
+        for _, p, g in triples:
             grads.setdefault(index[id(p)], []).append(g)
     bad = {b for b, gs in grads.items() if not grads_all_finite(gs, threads)}
     if not bad:
         return work, ()
-    kept = [(gi, group, [(p, g) for p, g in pairs if index[id(p)] not in bad]) for gi, group, pairs in work]
+    kept = [(gi, group, [t for t in triples if index[id(t[1])] not in bad]) for gi, group, triples in work]
     return kept, tuple(names[b] for b in sorted(bad))
+
+
+def _same_groups(snapshot: list[list], groups: list[dict]) -> bool:
+    """True when every param group still holds the same tensors, in the same order, as ``snapshot``."""
+    return len(snapshot) == len(groups) and all(
+        len(saved) == len(group["params"]) and all(a is b for a, b in zip(saved, group["params"]))
+        for saved, group in zip(snapshot, groups))
 
 
 def _on_one_cuda_device(p: torch.Tensor, g: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from pyco._ext import _C
+from pyco.optim._door import check_state_tensor_for_step, kept_state
 from pyco.optim._fused import FusedOptimizer, check_number, check_state_tensor
 
 _STEP_DTYPES = (torch.float32, torch.float64)
@@ -50,6 +51,7 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, blocks=None, stats=True, nonfinite="apply"):
+        _check_tensor_options(lr, betas, foreach, capturable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -85,20 +87,47 @@ class Adam(FusedOptimizer):
     _kernel = staticmethod(_C.adam_step)
     _rule = "adam"  # pyco._C_cuda's adam_* functions
 
-    def _states(self, p: torch.Tensor, group: dict):
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = (  # torch's non-fused layout on the CPU, its fused one on CUDA
+    @staticmethod
+    def _slots(group: dict) -> tuple[str, ...]:
+        return _AMSGRAD_SLOTS if group["amsgrad"] else _SLOTS
+
+    def _states(self, p: torch.Tensor, group: dict, pending: dict, where: str):
+        """The state tensors of p's record, checked; missing ones (and a step counter that must change
+        representation) are created in ``pending``."""
+        entry = self.state.get(p) or {}
+        new = {}
+        if not entry:
+            new["step"] = (  # torch's non-fused layout on the CPU, its fused one on CUDA
                 torch.tensor(0.0, dtype=_get_scalar_dtype()) if p.is_cpu
                 else torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device))
             # Exponential moving averages of the gradient and of its square
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            new["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            new["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in entry:
             # Running maximum of exp_avg_sq
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        ams = state["max_exp_avg_sq"] if group["amsgrad"] else None
-        return (state["exp_avg"], state["exp_avg_sq"], ams), state["step"], 0
+            new["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        owner = type(self).__name__
+        slots = []
+        for name in self._slots(group):
+            if name in new:
+                slots.append((name, new[name]))
+                continue
+            if name not in entry:
+                raise KeyError(f"{owner}: {where}: state has no {name!r} (it has {sorted(entry)}); clear the "
+                               f"entry (`optimizer.state[p].clear()`) to start this parameter afresh")
+            check_state_tensor_for_step(owner, where, name, p, entry[name])
+            slots.append((name, entry[name]))
+        step = new.get("step")
+        if step is None:
+            if "step" not in entry:
+                raise KeyError(f"{owner}: {where}: state has no 'step' (it has {sorted(entry)})")
+            step = _step_counter(entry["step"], p, f"{owner}: {where}")
+            if step is not entry["step"]:
+                new["step"] = step
+        if new:
+            pending[p] = new
+        tensors = tuple(t for _, t in slots) + ((None,) if len(slots) == 2 else ())
+        return tensors, step, 0, kept_state(p, slots, step)
 
     @staticmethod
     def _check_state_entry(where: str, p: torch.Tensor, entry: dict, group: dict) -> None:
@@ -115,19 +144,54 @@ class Adam(FusedOptimizer):
             check_state_tensor(where, name, p, entry[name])
 
     def _normalize_state(self, entry: dict | None, p: torch.Tensor) -> None:
-        # The kernel increments the counter in place: it must be a float32/float64 scalar on the CPU for CPU
-        # parameters, on the parameter's device for CUDA ones.
         step = None if not entry else entry.get("step")
-        if step is None:
-            return
-        device = torch.device("cpu") if p.is_cpu else p.device
-        if not (isinstance(step, torch.Tensor) and step.dtype in _STEP_DTYPES and step.device == device
-                and step.dim() == 0):
-            dtype = _get_scalar_dtype(is_fused=not p.is_cpu)
-            if isinstance(step, torch.Tensor):
-                entry["step"] = step.detach().reshape(()).to(device=device, dtype=dtype)
-            else:
-                entry["step"] = torch.tensor(float(step), dtype=dtype, device=device)
+        if step is not None:
+            entry["step"] = _step_counter(step, p, "state_dict")
+
+
+def _check_tensor_options(lr, betas, foreach, capturable) -> None:
+    """torch.optim.Adam's rules for tensor hyper-parameters, with its exception type (ValueError)."""
+    if isinstance(lr, torch.Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True "
+                             "(as torch.optim.Adam); pyco's kernel ignores foreach: leave it None")
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {list(lr.shape)}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError(f"betas must be either both floats or both Tensors, got {[type(b).__name__ for b in betas]}")
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True "
+                                 "(as torch.optim.Adam); pyco's kernel ignores foreach: leave it None")
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {list(b.shape)}")
+
+
+_SLOTS = ("exp_avg", "exp_avg_sq")
+_AMSGRAD_SLOTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _step_counter(step, p: torch.Tensor, where: str) -> torch.Tensor:
+    """``step`` as the counter the kernel increments in place: a one-element float32/float64 tensor on the
+    CPU for CPU parameters, on the parameter's device for CUDA ones. ``step`` itself when it is one; else a
+    new tensor of the same value (an int64 step, as torch accepts, becomes float32). Raises RuntimeError
+    for anything that is not one number."""
+    device = torch.device("cpu") if p.is_cpu else p.device
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise RuntimeError(f"{where}: 'step' has {step.numel()} elements (shape {list(step.shape)}); "
+                               "expected one number, the count of steps taken")
+        if (step.dtype in _STEP_DTYPES and step.device == device and step.layout == torch.strided
+                and not step.is_neg()):
+            return step
+        return step.detach().reshape(()).to(device=device, dtype=_get_scalar_dtype(is_fused=not p.is_cpu)).clone()
+    if isinstance(step, (int, float)) and not isinstance(step, bool):
+        return torch.tensor(float(step), dtype=_get_scalar_dtype(is_fused=not p.is_cpu), device=device)
+    raise RuntimeError(f"{where}: 'step' is a {type(step).__name__}, expected a number or a one-element tensor")
 
 
 class AdamW(Adam):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from pyco._ext import _C
+from pyco._kernels import STEP_FIELD
+from pyco.optim._door import check_state_tensor_for_step, kept_state
 from pyco.optim._fused import FusedOptimizer, check_number, check_state_tensor
 
 
@@ -53,9 +55,13 @@ class SGD(FusedOptimizer):
                         fused=fused)
         self._check_group(defaults)
         super().__init__(params, defaults, blocks=blocks, stats=stats, nonfinite=nonfinite)
+        # CUDA parameters: a device int32 per momentum buffer, 0 until a step that used the buffer was applied
+        # (skips are decided on the device, so the host cannot know whether a new buffer was initialized).
+        self._momentum_initialized: dict[torch.Tensor, torch.Tensor] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._momentum_initialized = {}  # buffers that exist count as initialized
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -81,16 +87,58 @@ class SGD(FusedOptimizer):
     _kernel = staticmethod(_C.sgd_step)
     _rule = "sgd"  # pyco._C_cuda's sgd_* functions
 
-    def _states(self, p: torch.Tensor, group: dict):
+    @staticmethod
+    def _slots(group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _states(self, p: torch.Tensor, group: dict, pending: dict, where: str):
+        """The state tensors of p's record, checked; a missing buffer is created in ``pending``."""
         if group["momentum"] == 0:
-            return (), None, 0
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
+            return (), None, 0, []
+        entry = self.state.get(p)
+        buf = None if entry is None else entry.get("momentum_buffer")
+        flags = 0
+        fresh = buf is None
+        if fresh:
             # The kernel sets a fresh buffer to d, as torch does with grad.clone() on the first step.
-            state["momentum_buffer"] = buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return (buf,), None, _C.FLAG_FRESH_MOMENTUM
-        return (buf,), None, 0
+            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            pending[p] = {"momentum_buffer": buf}
+            flags = _C.FLAG_FRESH_MOMENTUM
+        else:
+            check_state_tensor_for_step(type(self).__name__, where, "momentum_buffer", p, buf)
+        kept = kept_state(p, [("momentum_buffer", buf)])
+        if not self._skips_decided_on_device(p):
+            return (buf,), None, flags, kept
+        # On CUDA "fresh" lives on the device: the kernel reads the flag and sets it when the step is applied.
+        initialized = self._momentum_initialized.get(p)
+        if fresh or initialized is None:
+            initialized = torch.full((), 0 if fresh else 1, dtype=torch.int32, device=p.device)
+            self._momentum_initialized[p] = initialized
+        return (buf,), initialized, _C.FLAG_MOMENTUM_INIT, kept + [(STEP_FIELD, None, initialized)]
+
+    @staticmethod
+    def _skips_decided_on_device(p: torch.Tensor) -> bool:
+        return p.is_cuda
+
+    def state_dict(self) -> dict:
+        """torch's layout. A CUDA momentum buffer that no applied step has initialized yet (every step since
+        it was made was skipped on the device) is left out, as torch would have none; reading the flags
+        waits for the device."""
+        state = super().state_dict()
+        if not self._momentum_initialized:
+            return state
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        params = [p for p in self._momentum_initialized if id(p) in index]
+        flags = torch.stack([self._momentum_initialized[p].cpu() for p in params]) if params else []
+        for p, flag in zip(params, flags):
+            entry = state["state"].get(index[id(p)])
+            if entry is not None and int(flag) == 0 and "momentum_buffer" in entry:
+                state["state"][index[id(p)]] = {k: v for k, v in entry.items() if k != "momentum_buffer"}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._momentum_initialized = {}  # loaded buffers are initialized ones
 
     @staticmethod
     def _check_state_entry(where: str, p: torch.Tensor, entry: dict, group: dict) -> None:

@@ -125,21 +125,28 @@ class OrderWrapper(Optimizer):
             )
         state_dict = dict(state_dict)
         own = state_dict.pop(ORDER_KEY)
+        if not isinstance(own, dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the {ORDER_KEY!r} entry is a "
+                             f"{type(own).__name__}, expected the dict that state_dict() writes")
         if own.get("order") != type(self).__name__ or own.get("blocks") != list(self.blocks):
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the state_dict was saved by {own.get('order')} with blocks "
                 f"{own.get('blocks')}; this is {type(self).__name__} with blocks {list(self.blocks)}"
             )
-        self._check_order_state(own)
-        self.optimizer.load_state_dict(state_dict)
-        self.steps = int(own["steps"])
+        steps = own.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: 'steps' of the {ORDER_KEY!r} entry must be "
+                             f"a non-negative int, got {steps!r}")
+        self._check_order_state(own)  # everything of the order's own, checked before anything is loaded
+        self.optimizer.load_state_dict(state_dict)  # checks its part first, too (pyco's and torch's optimizers)
+        self.steps = steps
         self._load_order_state(own)
 
     def _order_state(self) -> dict:
         return {}
 
     def _check_order_state(self, own: dict) -> None:
-        """Raises if ``own`` cannot be loaded; must change nothing."""
+        """Raises if ``own`` cannot be loaded; must change nothing. After it, ``_load_order_state`` cannot fail."""
 
     def _load_order_state(self, own: dict) -> None:
         pass

@@ -217,10 +217,19 @@ class BlockCoordinate(OrderWrapper):
         if own.get("schedule") != self.schedule.kind:
             raise ValueError(f"BlockCoordinate.load_state_dict: the state_dict was saved with schedule "
                              f"{own.get('schedule')!r}, this wrapper has {self.schedule.kind!r}")
+        who = "BlockCoordinate.load_state_dict"
         active = own.get("active")
-        if active is not None and any(n not in self.blocks for n in active):
-            raise ValueError(f"BlockCoordinate.load_state_dict: active blocks {active} are not all among "
+        if active is not None and (not isinstance(active, list) or any(n not in self.blocks for n in active)):
+            raise ValueError(f"{who}: active blocks {active!r} must be None or a list of names among "
                              f"{list(self.blocks)}")
+        cursor, permutation = own.get("schedule_cursor"), own.get("schedule_permutation")
+        k = len(self.blocks)
+        if not isinstance(cursor, int) or isinstance(cursor, bool) or cursor < 0:
+            raise ValueError(f"{who}: 'schedule_cursor' must be a non-negative int, got {cursor!r}")
+        if not isinstance(permutation, list) or any(
+                not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < k for b in permutation):
+            raise ValueError(f"{who}: 'schedule_permutation' must be a list of block indices in [0, {k}), "
+                             f"got {permutation!r}")
         check_generator_state(own.get("schedule_generator"), type(self).__name__)
 
     def _load_order_state(self, own: dict) -> None:

@@ -261,6 +261,11 @@ class Rollback:
 
 
 def check_generator_state(state, who: str) -> None:
+    """Raises unless ``state`` loads into a torch.Generator (tried on a scratch one)."""
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
         raise ValueError(f"{who}.load_state_dict: 'generator' must be the uint8 tensor of "
                          f"torch.Generator.get_state(), got {type(state).__name__}")
+    try:
+        torch.Generator().set_state(state)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{who}.load_state_dict: 'generator' is not a torch.Generator state ({exc})") from None

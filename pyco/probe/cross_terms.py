@@ -78,17 +78,10 @@ def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: st
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be a zero-argument callable returning the loss, got {type(loss_fn).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode: {mode!r} (expected one of {MODES})")
-    if not isinstance(alone, bool):
-        raise TypeError(f"Invalid alone: {alone!r} (expected True or False)")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"Invalid dtype: {dtype!r} (expected None or a floating-point torch.dtype)")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"Invalid max_batch: {max_batch!r} (expected None or an int >= 1)")
-    _check_group(process_group)
+    check_options(mode, dtype, alone, max_batch, process_group)
     blocks = Blocks.of(blocks)
     params = blocks.params()
+    check_params(blocks)
     deltas = aligned_update(blocks, params, update)
     with bypassing_ddp([blocks.module]), FixedBatch(loss_fn, params, dtype) as batch:
         deltas = [d.detach().to(batch.working(p).dtype) for p, d in zip(params, deltas)]
@@ -108,6 +101,30 @@ def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: st
         loss_before=before.item(), loss_after=after.item(), first_order=first, C=c, row_sums=rows,
         quadratic=quadratic, alone=alone_dl,
     )
+
+
+def check_options(mode, dtype, alone, max_batch, process_group) -> None:
+    """The probe's options, checked (also by :func:`pyco.probe.record`, before its step)."""
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode: {mode!r} (expected one of {MODES})")
+    if not isinstance(alone, bool):
+        raise TypeError(f"Invalid alone: {alone!r} (expected True or False)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Invalid dtype: {dtype!r} (expected None or a floating-point torch.dtype)")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"Invalid max_batch: {max_batch!r} (expected None or an int >= 1)")
+    _check_group(process_group)
+
+
+def check_params(blocks: Blocks) -> None:
+    """What the probe needs of every parameter before it is given a step: real floating point, requiring grad."""
+    for p in blocks.params():
+        where = f"block {_block_of(blocks, p)!r} ({blocks.describe(p)})"
+        if not p.is_floating_point():
+            raise TypeError(f"{where} is {p.dtype}; the probe decomposes steps of real floating-point parameters")
+        if not p.requires_grad:
+            raise ValueError(f"{where} does not require grad: the probe differentiates the loss with respect to "
+                             f"every parameter of the blocks; leave frozen parameters out of the blocks")
 
 
 def _check_group(process_group) -> None:
@@ -210,9 +227,6 @@ def _check_step(blocks: Blocks, p: torch.Tensor, d) -> None:
         raise ValueError(f"update for {where} is on {d.device}, the parameter on {p.device}")
     if not bool(torch.isfinite(d).all()):
         raise ValueError(f"update for {where} holds inf or NaN; the probe decomposes a finite step")
-    if not p.requires_grad:
-        raise ValueError(f"{where} does not require grad: the probe differentiates the loss with respect to "
-                         f"every parameter of the blocks; leave frozen parameters out of the blocks")
 
 
 # ---- the second-order part ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from pyco.blocks import Blocks, by_group
 from pyco.probe._evaluation import BufferLog, rng_state, set_rng_state
-from pyco.probe.cross_terms import _check_group, bypassing_ddp, cross_terms
+from pyco.probe.cross_terms import bypassing_ddp, check_options, check_params, cross_terms
 from pyco.probe.report import CrossTerms
 
 
@@ -18,7 +18,8 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
     """Takes one step ``optimizer.step(closure)`` and returns the :func:`cross_terms` decomposition of
     the step it took, Δ = θ_after − θ_before, at θ_before on the closure's batch.
 
-    Afterwards the parameters, gradients, optimizer state, random-number state and module buffers
+    Everything that can be checked before the step is (the options, the blocks, the parameters): bad
+    arguments raise with nothing changed. Afterwards the parameters, gradients, optimizer state, random-number state and module buffers
     (batch-norm statistics) are bitwise what the plain ``optimizer.step(closure)`` leaves: the step runs
     first, exactly as without the probe; then the pre-step parameters, buffers and random state are put
     back for the probe, and the post-step ones restored after it.
@@ -50,7 +51,7 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
         report = pyco.probe.record(opt, closure, pyco.blocks.by_module(model))
         print(report.table())
     """
-    _check_group(process_group)
+    check_options(mode, dtype, alone, max_batch, process_group)  # everything checked before the real step
     if not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))):
         raise TypeError(f"record: optimizer must be a torch.optim.Optimizer (or an order wrapping one), got "
                         f"{type(optimizer).__name__}")
@@ -59,6 +60,7 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
                         f"{type(closure).__name__}")
     blocks = by_group(optimizer) if blocks is None else Blocks.of(blocks)
     blocks.check_covers([p for g in optimizer.param_groups for p in g["params"]])
+    check_params(blocks)
     params = blocks.params()
     before_rng = rng_state()
     before = [p.detach().clone() for p in params]
