@@ -495,18 +495,23 @@ def test_an_unusable_device_stops_the_step_and_is_checked_again(fake_device):
     assert fake_device.checked == [None, None, None] and fake_device.launches == 2
 
 
-class DeviceFlagSGD(pyco.optim.SGD):
-    """pyco's SGD as it is on a CUDA device, for the fake device's CPU tensors: its momentum records carry the
-    device init flag (one int32 per momentum buffer, 0 until a step is applied to it; the kernels set it) in
-    the record's `step` field, flag bit FLAG_MOMENTUM_INIT instead of the host's FLAG_FRESH_MOMENTUM."""
+class OnFakeDevice:
+    """Mixed into a pyco optimizer: its (CPU) parameters count as CUDA ones, so that ``step()`` takes the
+    CUDA path, planned launches and SGD's device init flags included, on the fake device."""
 
     @staticmethod
-    def _skips_decided_on_device(p):
+    def _uses_cuda_kernels(p):
         return True
 
     @property
     def init_flags(self):
         return self._momentum_initialized
+
+
+class DeviceFlagSGD(OnFakeDevice, pyco.optim.SGD):
+    """pyco's SGD as on a CUDA device: its momentum records carry the device init flag (one int32 per
+    momentum buffer, 0 until a step is applied to it; the kernels set it) in the record's `step` field, flag
+    bit FLAG_MOMENTUM_INIT instead of the host's FLAG_FRESH_MOMENTUM."""
 
 
 @needs_cuda_build
@@ -576,3 +581,21 @@ def test_a_buffer_no_applied_step_initialized_is_left_out_of_the_state_dict(fake
     assert all(torch.equal(state[i]["momentum_buffer"], torch.ones_like(p)) for i, p in enumerate(params))
     opt.load_state_dict(opt.state_dict())
     assert opt.init_flags == {}  # loaded buffers are initialized ones
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("kind, hyper", CASES)
+def test_planned_device_steps_match_the_cpu_path(fake_device, kind, hyper):
+    """step() on the (fake) device: prepared once, then planned; bitwise the CPU path's results."""
+    ours, theirs = make_params(SHAPES, torch.float32, seed=3), make_params(SHAPES, torch.float32, seed=3)
+    opt = type(f"Device{kind}", (OnFakeDevice, getattr(pyco.optim, kind)), {})(ours, **hyper)
+    ref = getattr(pyco.optim, kind)(theirs, **hyper)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        set_grads([ours, theirs], step, gen)
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert tensors_equal(a.detach(), b.detach()), f"step {step}: param {i}"
+        assert tensors_equal(opt.last_stats.values, ref.last_stats.values), f"step {step}: statistics"
+    assert opt._launches == {"prepared": 1, "planned": 3}

@@ -264,6 +264,11 @@ class FusedOptimizer(Optimizer):
             self._foreign_blocks = cached = (blocks, snapshot, names, index, where)
         return cached[2], cached[3], cached[4]
 
+    @staticmethod
+    def _uses_cuda_kernels(p: torch.Tensor) -> bool:
+        """True for the parameters pyco's CUDA kernels update (the tests' fake device says so of CPU ones)."""
+        return p.is_cuda
+
     def _signature(self) -> tuple:
         """What decides the records' layout besides the tensors: each group's state slots, the device."""
         return tuple(self._slots(group) for group in self.param_groups)
@@ -287,7 +292,7 @@ class FusedOptimizer(Optimizer):
                 return _cuda.launch_plan(self, plan, device, names)
         self._plans.pop(key, None)
         work, candidates = self._collect(only)
-        if any(p.is_cuda for _, _, triples in work for _, p, _ in triples):
+        if any(self._uses_cuda_kernels(p) for _, _, triples in work for _, p, _ in triples):
             if self.nonfinite == "skip-block":
                 raise ValueError(f"{type(self).__name__}: nonfinite='skip-block' is implemented for CPU parameters "
                                  "only; use nonfinite='skip' (the whole step) for CUDA parameters")

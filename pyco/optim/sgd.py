@@ -107,7 +107,7 @@ class SGD(FusedOptimizer):
         else:
             check_state_tensor_for_step(type(self).__name__, where, "momentum_buffer", p, buf)
         kept = kept_state(p, [("momentum_buffer", buf)])
-        if not self._skips_decided_on_device(p):
+        if not self._uses_cuda_kernels(p):
             return (buf,), None, flags, kept
         # On CUDA "fresh" lives on the device: the kernel reads the flag and sets it when the step is applied.
         initialized = self._momentum_initialized.get(p)
@@ -115,10 +115,6 @@ class SGD(FusedOptimizer):
             initialized = torch.full((), 0 if fresh else 1, dtype=torch.int32, device=p.device)
             self._momentum_initialized[p] = initialized
         return (buf,), initialized, _C.FLAG_MOMENTUM_INIT, kept + [(STEP_FIELD, None, initialized)]
-
-    @staticmethod
-    def _skips_decided_on_device(p: torch.Tensor) -> bool:
-        return p.is_cuda
 
     def state_dict(self) -> dict:
         """torch's layout. A CUDA momentum buffer that no applied step has initialized yet (every step since

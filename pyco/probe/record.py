@@ -19,8 +19,9 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
     the step it took, Δ = θ_after − θ_before, at θ_before on the closure's batch.
 
     Everything that can be checked before the step is (the options, the blocks, the parameters): bad
-    arguments raise with nothing changed. Afterwards the parameters, gradients, optimizer state, random-number state and module buffers
-    (batch-norm statistics) are bitwise what the plain ``optimizer.step(closure)`` leaves: the step runs
+    arguments raise with nothing changed. Afterwards the parameters, gradients, optimizer state,
+    random-number state and module buffers (batch-norm statistics) are bitwise what the plain
+    ``optimizer.step(closure)`` leaves: the step runs
     first, exactly as without the probe; then the pre-step parameters, buffers and random state are put
     back for the probe, and the post-step ones restored after it.
 
