@@ -238,3 +238,23 @@ def test_plan_refuses_a_table_that_does_not_fit():
     p = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="whole records"):
         _C.Plan([[p]], [(p, 0, [])], b"12345678")
+
+
+def test_step_blocks_launches_are_planned_per_set_of_blocks():
+    params = make_params([(3,), (4,), (5,)])
+    opt = pyco.optim.SGD(params, lr=0.1, momentum=0.9)
+    blocks = pyco.blocks.Blocks([("a", params[:1]), ("b", params[1:])])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for _ in range(3):
+        opt.step_blocks(blocks, ["a"])
+        opt.step_blocks(blocks, ["b"])
+    assert opt._launches == {"prepared": 2, "planned": 4}
+    moved = params[2].detach().clone()
+    del opt.param_groups[0]["params"][2]  # params[2], in block "b", is no longer the optimizer's
+    with pytest.raises(ValueError, match=r"block 'b' holds a parameter of shape \[5\], which is not a parameter of "
+                                         r"the optimizer"):
+        opt.step_blocks(blocks, ["b"])
+    assert torch.equal(params[2].detach(), moved)
+    opt.step_blocks(pyco.blocks.Blocks([("a", params[:1]), ("b", params[1:2])]), ["b"])  # blocks that fit
+    assert torch.equal(params[2].detach(), moved)

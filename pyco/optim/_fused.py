@@ -76,7 +76,7 @@ class FusedOptimizer(Optimizer):
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
         self._foreign_blocks = None  # (Blocks, groups snapshot, names, index, where) of the last step_blocks
         self._lock = threading.RLock()  # one step at a time: steps from several threads are serialised
-        self._plans: dict = {}  # launch kind -> (pyco._C.Plan, signature, blocks, device) (pyco.optim._door)
+        self._plans: dict = {}  # launch kind -> (Plan, signature, blocks, device, names) (pyco.optim._door)
         self._launches = {"planned": 0, "prepared": 0}  # how the launches were prepared (tests read it)
 
     # Attributes of pyco's own that a copy or a pickle keeps (torch.optim.Optimizer.__getstate__ keeps only
@@ -206,7 +206,7 @@ class FusedOptimizer(Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self._launch(("all",), None, self._block_names, self._block_index)
+            self._launch(("all",), lambda: (None, self._block_names, self._block_index))
             return loss
 
     @torch.no_grad()
@@ -232,22 +232,27 @@ class FusedOptimizer(Optimizer):
             opt.step_blocks(blocks, ["3"])   # only module 3 moves
         """
         with self._lock:
-            names, index, where = self._resolve_foreign(blocks)
             active = tuple(active)
             if len(set(active)) != len(active):
                 twice = sorted({name for name in active if active.count(name) > 1}, key=str)
                 raise ValueError(f"step_blocks: blocks {twice} are named more than once in active; name each "
                                  "block once (a block moves once per launch)")
-            only: dict[int, list] = {}  # only the active blocks' tensors are looked at, not every parameter
-            for name in active:
-                if name not in blocks:
-                    raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
-                for p in blocks[name]:
-                    gi, pi = where[id(p)]
-                    only.setdefault(gi, []).append((pi, p))
-            for pairs in only.values():
-                pairs.sort(key=lambda pair: pair[0])
-            return self._launch(("blocks", id(blocks), active), only, names, index, blocks)
+            return self._launch(("blocks", id(blocks), active), lambda: self._active_params(blocks, active), blocks)
+
+    def _active_params(self, blocks: _blocks.Blocks, active: tuple) -> tuple[dict, tuple[str, ...], dict]:
+        """For a step_blocks launch prepared in Python: ({group index: [(param index, param)]} of the active
+        blocks, in group order; the names and param -> row map of ``blocks``)."""
+        names, index, where = self._resolve_foreign(blocks)
+        only: dict[int, list] = {}  # only the active blocks' tensors are looked at, not every parameter
+        for name in active:
+            if name not in blocks:
+                raise KeyError(f"step_blocks: no block named {name!r}; blocks are {list(names)}")
+            for p in blocks[name]:
+                gi, pi = where[id(p)]
+                only.setdefault(gi, []).append((pi, p))
+        for pairs in only.values():
+            pairs.sort(key=lambda pair: pair[0])
+        return only, names, index
 
     def _resolve_foreign(self, blocks: _blocks.Blocks) -> tuple[tuple[str, ...], dict[int, int], dict[int, tuple]]:
         """Names, param -> row map and param -> (group, index in group) for ``blocks``, checked to cover this
@@ -273,16 +278,17 @@ class FusedOptimizer(Optimizer):
         """What decides the records' layout besides the tensors: each group's state slots, the device."""
         return tuple(self._slots(group) for group in self.param_groups)
 
-    def _launch(self, key, only, names: tuple[str, ...], index: dict[int, int], blocks=None) -> BlockStats | None:
-        """One kernel launch over the parameters (all of them, or ``only``), statistics per block of
-        ``names``/``index``. Planned when a plan for ``key`` still holds, prepared in Python otherwise."""
+    def _launch(self, key, resolve, blocks=None) -> BlockStats | None:
+        """One kernel launch, planned when a plan for ``key`` still holds, prepared in Python otherwise:
+        ``resolve()`` gives (the parameters to look at, None for all; the statistics' block names; param ->
+        block row), and is called only then."""
         for group in self.param_groups:
             self._check_group(group)
         groups = [group["params"] for group in self.param_groups]
         signature = self._signature()
         cached = self._plans.get(key)
         if cached is not None and cached[1] == signature and cached[2] is blocks and isinstance(self.state, dict):
-            plan, device = cached[0], cached[3]
+            plan, device, names = cached[0], cached[3], cached[4]
             if plan.refresh(groups, self.state) is None:
                 self._launches["planned"] += 1
                 if device is None:
@@ -291,6 +297,7 @@ class FusedOptimizer(Optimizer):
 
                 return _cuda.launch_plan(self, plan, device, names)
         self._plans.pop(key, None)
+        only, names, index = resolve()
         work, candidates = self._collect(only)
         if any(self._uses_cuda_kernels(p) for _, _, triples in work for _, p, _ in triples):
             if self.nonfinite == "skip-block":
@@ -302,7 +309,8 @@ class FusedOptimizer(Optimizer):
             self._launches["prepared"] += 1
             stats = _cuda.launch_tables(self, tables, names)
             if len(tables) == 1:
-                self._keep_plan(key, _door.make_plan(self, tables[0][1], groups), signature, blocks, tables[0][0])
+                self._keep_plan(key, _door.make_plan(self, tables[0][1], groups), signature, blocks, tables[0][0],
+                                names)
             return stats
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) != 0.0:
@@ -339,16 +347,16 @@ class FusedOptimizer(Optimizer):
             raise
         prepared.table.write_back(grads=grad_scale is not None and float(grad_scale) != 1.0)
         if not skipped_blocks:
-            self._keep_plan(key, _door.make_plan(self, prepared, groups), signature, blocks, None)
+            self._keep_plan(key, _door.make_plan(self, prepared, groups), signature, blocks, None, names)
         self.last_stats = None if values is None else BlockStats(names, values, skipped_blocks=skipped_blocks)
         return self.last_stats
 
-    def _keep_plan(self, key, plan, signature, blocks, device) -> None:
+    def _keep_plan(self, key, plan, signature, blocks, device, names) -> None:
         if plan is None:
             return
         if len(self._plans) >= _door.MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))
-        self._plans[key] = (plan, signature, blocks, device)
+        self._plans[key] = (plan, signature, blocks, device, names)
 
     def _run_plan(self, plan, names: tuple[str, ...]) -> BlockStats | None:
         """A planned launch (its gradients' addresses were put in by ``plan.refresh``)."""
