@@ -22,6 +22,8 @@ serialises steps of one optimizer.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pyco import blocks as _blocks
@@ -29,6 +31,8 @@ from pyco._ext import _C
 from pyco._kernels import STATE_FIELDS, STEP_FIELD, Table, has_internal_overlap
 
 __all__ = ["Prepared", "prepare", "check_state_tensor_for_step", "make_plan"]
+
+log = logging.getLogger("pyco")
 
 # Launch kinds whose plans an optimizer keeps (a full step, and sets of blocks moved by step_blocks).
 MAX_PLANS = 64
@@ -126,7 +130,13 @@ def make_plan(opt, prepared: Prepared, groups: list[list]):
     for p in prepared.candidates:
         record, kept = prepared.kept.get(id(p), (-1, []))
         entries.append((p, record, kept))
-    return _C.Plan(groups, entries, prepared.table.records)
+    try:
+        return _C.Plan(groups, entries, prepared.table.records)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        # A tensor changed since the table was packed (another thread replaced p.data while the kernel
+        # ran): the step is done; the next one is prepared in Python again.
+        log.debug("no plan for this launch: %s", exc)
+        return None
 
 
 def kept_state(p: torch.Tensor, slots, step=None) -> list:
