@@ -9,7 +9,7 @@ Subjects, each on its own copy of the model with its own optimizer (SGD with mom
     block-coord bottom    pyco.BlockCoordinate with only the bottom block active (full backward, one weight grad)
 
 A block is Linear(width, width) + tanh. Rounds interleave the subjects so that drift hits them alike; medians
-are reported, with the ratios DESIGN §5 sets targets for (k >= 8: chain <= 0.6x naive, top-block
+are reported, with the ratios the project sets targets for (k >= 8: chain <= 0.6x naive, top-block
 block-coordinate <= 0.6x simultaneous).
 
     python benchmarks/bench_orders.py                  # k = 2, 4, 8, 16, 32; table on stdout

@@ -1,5 +1,5 @@
 """pyco.GaussSeidel, and what every order wrapper shares (behaving as the inner optimizer, checkpoints, lr
-schedulers, errors). The semantics are DESIGN §2; each test states the piece it pins down."""
+schedulers, errors). Each test states the piece it pins down."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     opt = pyco.BlockCoordinate(inner, pyco.blocks.by_module(model), schedule="cyclic", every=10)
 
 Each wrapper behaves as the inner optimizer (param groups, state, lr schedulers, state_dict with the order's
-own state added) and moves only whole blocks; see DESIGN §2 for the semantics they implement exactly.
+own state added) and moves only whole blocks; "same batch" semantics are exact (see pyco.GaussSeidel).
 """
 
 from pyco.orders.block_coordinate import STATE_POLICIES, BlockCoordinate

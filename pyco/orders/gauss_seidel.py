@@ -29,7 +29,7 @@ class GaussSeidel(OrderWrapper):
         \theta'_{\pi(j)} = \theta_{\pi(j)} + U_{\pi(j)}(g_{\pi(j)})
 
     where U is the inner optimizer's rule (its learning rate, momentum, Adam moments...). With k = 1 this is
-    the inner optimizer's own step. "Same batch" is exact (DESIGN §2):
+    the inner optimizer's own step. "Same batch" is exact:
 
     - the closure is evaluated once per block; before every evaluation after the first the random-number
       state (CPU and, where initialized, CUDA) is replayed, so dropout draws the same masks; afterwards the

@@ -1,5 +1,5 @@
 """The exact probe: split a step's loss change into first-order, within-block, cross-block (co-adaptation)
-and higher-order parts, from exact Hessian-vector products (DESIGN §1).
+and higher-order parts, from exact Hessian-vector products.
 
     report = pyco.probe.cross_terms(loss_fn, blocks, update)   # a given step Δ
     report = pyco.probe.record(optimizer, closure, blocks)     # the step an optimizer takes

@@ -1,4 +1,4 @@
-"""The exact second-order split of one step's loss change into blocks (DESIGN §1).
+"""The exact second-order split of one step's loss change into blocks.
 
 For blocks B_1..B_k, a step Δ = (Δ_1..Δ_k), the gradient g and the Hessian H of the loss at θ on one fixed
 batch:

@@ -1,4 +1,4 @@
-"""Dense references for the probe's tests: the whole Hessian, then the formulas of DESIGN §1 read off it.
+"""Dense references for the probe's tests: the whole Hessian, then the probe's formulas read off it.
 
 Slow (N² memory, N backward passes for N parameters) and independent of the fast path: no block-restricted
 tangents, no batched backward, no kernel. Use it on models with at most a few thousand parameters.

@@ -5,7 +5,7 @@ The same MLP, batches and SGD, updated simultaneously (standard backprop), layer
 recomputed after each layer moved (Gauss–Seidel, forward and backward sweeps), and one layer at a time
 (block-coordinate: cyclic, reshuffle, random-subset of 2): training loss and test accuracy against steps,
 against gradient evaluations (closure calls) and against wall time, over several seeds. Then the probe's
-prediction of ΔL(Gauss–Seidel) − ΔL(simultaneous) = ½ Σ_{i≠j} C_ij (DESIGN §1) against real sweeps.
+prediction of ΔL(Gauss–Seidel) − ΔL(simultaneous) = ½ Σ_{i≠j} C_ij against real sweeps.
 """
 
 from __future__ import annotations
