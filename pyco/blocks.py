@@ -1,6 +1,7 @@
 """Named partitions of parameters into blocks: the unit of pyco's statistics, orders and probe.
 
     blocks = pyco.blocks.by_module(model)     # one block per module that owns parameters directly
+    blocks = pyco.blocks.by_module(model, shared="first")   # tied weights: in their first owner's block
     blocks = pyco.blocks.by_param(model)      # one block per parameter
     blocks = pyco.blocks.by_group(optimizer)  # one block per param group
     blocks = pyco.blocks.by_names(model, {"body": ["0.*", "2.*"], "head": ["4.*"]})
@@ -141,15 +142,42 @@ def _trainable(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def by_module(model: nn.Module) -> Blocks:
+SHARED = ("error", "first")
+
+
+def by_module(model: nn.Module, *, shared: str = "error") -> Blocks:
     """One block per module that directly owns trainable parameters, in registration order, named by the
-    module's path (``"0"``, ``"encoder.layer.3.attn"``; the root module is ``"(root)"``)."""
+    module's path (``"0"``, ``"encoder.layer.3.attn"``; the root module is ``"(root)"``).
+
+    shared: what to do with a parameter that several modules own (tied weights, such as a language model's
+    input embedding and output head). ``"error"`` (default) refuses, naming both modules; ``"first"`` puts
+    it in the block of its first owner in registration order, and a later owner keeps only its other
+    parameters (a module left with none gets no block). Example::
+
+        model.head.weight = model.embed.weight            # tied input and output embeddings
+        blocks = by_module(model, shared="first")         # the shared weight is in block "embed"
+    """
+    if shared not in SHARED:
+        raise ValueError(f"by_module: shared must be one of {SHARED}, got {shared!r}")
     names = _trainable(model)
     items = []
+    owner: dict[int, str] = {}
     for path, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) in names]
+        path = path or "(root)"
+        own = []
+        for p in module.parameters(recurse=False):
+            if id(p) not in names:
+                continue
+            if id(p) in owner:
+                if shared == "first":
+                    continue
+                raise ValueError(f"blocks {owner[id(p)]!r} and {path!r} overlap: both hold param {names[id(p)]} "
+                                 f"(a tied weight); by_module(model, shared='first') puts a shared parameter in "
+                                 f"its first owner's block")
+            owner[id(p)] = path
+            own.append(p)
         if own:
-            items.append((path or "(root)", own))
+            items.append((path, own))
     return Blocks(items, names, model)
 
 

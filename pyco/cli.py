@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("update", "orders", "probe")
+BENCHMARKS = ("update", "orders", "probe", "workloads")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,14 +22,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common_study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, help="training steps (default: the study's quick size)")
-    p.add_argument("--lr", type=float, nargs="+", help="learning rate(s) (default: the study's grid)")
-    p.add_argument("--depth", type=int, help="hidden layers (default: the study's)")
-    p.add_argument("--width", type=int, help="units per hidden layer (default: the study's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--workload", default=None, metavar="SPEC",
+                   help="what the study runs on: a built-in workload (see --list) or module.path:function naming "
+                        "your own make(seed) -> pyco.studies.Workload, imported from sys.path (default digits-mlp)")
+    p.add_argument("--size", choices=("tiny", "cpu", "gpu"),
+                   help="a built-in workload's size: tiny, cpu (default) or gpu (needs --device cuda)")
+    p.add_argument("--depth", type=int, help="the workload's depth (built-ins: layers or residual blocks)")
+    p.add_argument("--width", type=int, help="the workload's width (built-ins: units, channels or model width)")
+    p.add_argument("--workload-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword passed to the workload factory (repeatable), e.g. variant=batchnorm")
+    p.add_argument("--steps", type=int, help="training steps (default: the workload's budget)")
+    p.add_argument("--lr", type=float, nargs="+", help="learning rate(s) (default: from the workload's recipe)")
+    p.add_argument("--device", default=None, help="cpu or cuda, passed to the workload factory (built-ins: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same numbers (default 0)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", help="run directory (default runs/<study>-<time>)")
-    p.add_argument("--quick", action="store_true", help="the default sizes (each study < 3 min on 2 CPU cores)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="each study's small configuration, the default (at most 5 minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true",
+                      help="each study's full configuration, more seeds (at most 30 minutes on 2 CPU cores)")
+    p.add_argument("--seeds", type=int, help="seeds per measurement (default 3, or 5 with --full)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -39,15 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="run a study: pyco study NAME, or pyco study --list")
     study.add_argument("name", nargs="?", help="the study to run (see --list)")
-    study.add_argument("--list", action="store_true", help="list the studies and the questions they answer")
+    study.add_argument("--list", action="store_true", help="list the studies and the built-in workloads")
     _add_common_study_arguments(study)
 
-    bench = sub.add_parser("bench", help="run a benchmark (update, orders, probe) and write its JSON")
+    bench = sub.add_parser("bench", help="run a benchmark (update, orders, probe, workloads) and write its JSON")
     bench.add_argument("subject", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to benchmarks/bench_<subject>.py")
 
     sub.add_parser("info", help="what was built: kernels, versions, threads, devices")
     return parser
+
+
+def _workload_options(args, parser) -> dict:
+    """The keywords for the workload factory: --size, --depth, --width, --device and each --workload-option."""
+    import ast
+
+    options = {}
+    for item in args.workload_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            parser.error(f"--workload-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    for key in ("size", "depth", "width", "device"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def _list() -> int:
+    from pyco import studies
+    from pyco.studies import workloads
+
+    print("studies (pyco study NAME):")
+    for name in studies.names():
+        print(f"  {name:14s} {studies.load(name).QUESTION}")
+    print("\nworkloads (--workload NAME, or --workload module.path:function for your own make(seed) -> Workload):")
+    for name in workloads.names():
+        print(f"  {name:14s} {workloads.describe(name)}")
+    return 0
 
 
 def _study(args, parser) -> int:
@@ -56,32 +101,43 @@ def _study(args, parser) -> int:
     if args.list or not args.name:
         if not args.list:
             parser.error("study: name a study, or use --list")
-        for name in studies.names():
-            module = studies.load(name)
-            print(f"{name:14s} {module.QUESTION}")
-        return 0
+        return _list()
     try:
         module = studies.load(args.name)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.device.startswith("cuda"):
+    if args.device is not None and args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
-    for name in ("steps", "depth", "width"):
+    for name in ("steps", "depth", "width", "threads", "seeds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
     if args.lr is not None and any(not (lr > 0) for lr in args.lr):
         parser.error(f"--lr values must be > 0, got {args.lr}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from pyco.studies import WorkloadError, load_workload, workloads
     from pyco.studies._common import RunDir
 
+    # The workload is loaded and built once before anything is written: a bad SPEC, a factory that returns
+    # something else or a loss that is not a scalar is one line, and no run directory.
+    try:
+        factory = load_workload(args.workload or workloads.DEFAULT, **_workload_options(args, parser))
+        factory(args.seed).check()
+    except WorkloadError as exc:
+        parser.error(str(exc))
     out = RunDir(args.out or os.path.join("runs", f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     start = time.perf_counter()
-    results = {"study": args.name, "partial": True}
+    results = {"study": args.name, "partial": True, "config": factory.to_dict()}
     try:
-        results = module.run(args, out)
+        given = dict(steps=args.steps, lrs=args.lr, seed=args.seed or None, seeds=args.seeds, quick=args.quick or None,
+                     full=args.full or None, show_progress=not args.no_progress or None)  # defaults are not passed
+        results = module.run(factory, out=out, **{k: v for k, v in given.items() if v is not None})
         results["partial"] = False
     except KeyboardInterrupt:
         results["interrupted"] = True

@@ -90,8 +90,26 @@ def test_construction_errors(what, make, error, message):
 
 
 def test_by_module_rejects_tied_weights_naming_both_blocks():
-    with pytest.raises(ValueError, match=r"blocks '0' and '1' overlap: both hold param 0\.weight"):
+    with pytest.raises(ValueError, match=r"blocks '0' and '1' overlap: both hold param 0\.weight \(a tied weight\); "
+                                         r"by_module\(model, shared='first'\)"):
         by_module(tied())
+
+
+def test_by_module_shared_first_gives_a_tied_weight_to_its_first_owner():
+    model = tied()
+    blocks = by_module(model, shared="first")
+    assert list(blocks) == ["0"] and blocks["0"] == (model[0].weight,)  # the head has nothing left of its own
+    blocks.check_covers(model.parameters())  # every parameter exactly once
+    with_bias = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5))
+    with_bias[1].weight = with_bias[0].weight
+    blocks = by_module(with_bias, shared="first")
+    assert list(blocks) == ["0", "1"] and blocks["1"] == (with_bias[1].bias,)
+    assert blocks.index(with_bias[1].weight) == 0
+    # with nothing shared, the policy changes nothing
+    plain = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    assert [blocks_.numel() for blocks_ in (by_module(plain), by_module(plain, shared="first"))] == [[9, 4], [9, 4]]
+    with pytest.raises(ValueError, match=r"shared must be one of \('error', 'first'\), got 'last'"):
+        by_module(model, shared="last")
 
 
 def test_by_names_errors():

@@ -40,7 +40,11 @@ def cross_terms(loss_fn: Callable[[], torch.Tensor], blocks, update, *, mode: st
         loss_fn: zero-argument callable returning the scalar loss on one fixed batch (it closes over the
             model and the batch). It is evaluated several times: dropout masks are replayed (every call
             starts from the same random state), batch-norm buffers are restored before each call, and the
-            model is left bitwise as it was.
+            model is left bitwise as it was. Every evaluation runs ``scaled_dot_product_attention`` on its
+            math backend (``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])``, whatever the caller
+            selected): the flash and memory-efficient kernels on CUDA, and the fused CPU kernel, have no
+            double backward, which the Hessian-vector products need. A transformer's probe is therefore exact
+            but runs attention at the math backend's speed and memory ([batch, heads, t, t] scores).
         blocks: a :class:`pyco.blocks.Blocks` (``by_module(model)``, ...), a dict name -> parameters or a
             list of (name, parameters) pairs.
         update: Δ, as a list aligned with ``blocks.params()`` (block by block) or a dict parameter -> Δ.

@@ -28,7 +28,10 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
     The probe's loss is what the closure calls ``backward`` on: the closure is re-run with
     ``torch.autograd.backward`` (which ``Tensor.backward`` calls) intercepted, so it builds the graph and
     calls no backward; several backward calls (micro-batches) add up, as their gradients would. Works with
-    any optimizer and any wrapper (Gauss–Seidel, block-coordinate) that takes a closure.
+    any optimizer and any wrapper (Gauss–Seidel, block-coordinate) that takes a closure. The real step runs
+    attention on whatever ``scaled_dot_product_attention`` backend the caller selected; the probe's
+    re-evaluations run it on the math backend (``torch.nn.attention.sdpa_kernel``), since the flash and
+    memory-efficient kernels have no double backward (see :func:`cross_terms`).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (or wrapper with ``step(closure)`` and ``param_groups``).

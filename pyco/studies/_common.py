@@ -1,8 +1,10 @@
-"""What every study shares: the digits data, the model families, run directories and output files.
+"""What every study shares: the workload it runs on, its options, run directories and output files.
 
-A study is a module with ``NAME``, ``QUESTION`` (the seed it answers), ``add_arguments(parser)`` for its
-own options and ``run(args, out: RunDir) -> dict`` that measures, writes its tables and figures through
-``out`` and returns the results (written to ``results.json`` by the command line).
+A study is a module with ``NAME``, ``QUESTION`` (the seed it answers), ``OPTIONS`` (its own options and
+their defaults) and ``run(workload_factory, **options) -> dict``: it builds its workloads with
+``workload_factory(seed)`` (a :class:`~pyco.studies.Workload` factory, or a SPEC naming one), measures,
+writes its tables, figures and report through ``out`` when given one, and returns the results, whose
+``config`` names the workload. The command line calls ``run`` and writes the results to ``results.json``.
 """
 
 from __future__ import annotations
@@ -11,114 +13,125 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from pyco.studies.workload import Workload, WorkloadFactory, load
+
+COMMON = ("steps", "lrs", "seed", "seeds", "quick", "full", "out", "show_progress")
+QUICK_SEEDS, FULL_SEEDS = 3, 5
 
 
-# ---- data ---------------------------------------------------------------------------------------------
+# ---- workloads and options ------------------------------------------------------------------------------
 
-@dataclass
-class Data:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def features(self) -> int:
-        return self.x_train.shape[1]
-
-    @property
-    def classes(self) -> int:
-        return int(self.y_train.max()) + 1
-
-    def batches(self, batch_size: int, generator: torch.Generator):
-        """An endless stream of shuffled training batches (epoch after epoch)."""
-        n = self.x_train.shape[0]
-        while True:
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n - batch_size + 1, batch_size):
-                idx = order[start:start + batch_size]
-                yield self.x_train[idx], self.y_train[idx]
+def factory_of(workload_factory) -> WorkloadFactory:
+    """A :class:`WorkloadFactory` from a factory, a SPEC or a plain ``make(seed)`` function."""
+    return load(workload_factory)
 
 
-def digits(device: torch.device | str = "cpu", dtype=torch.float32, test_fraction: float = 0.25, seed: int = 0) -> Data:
-    """scikit-learn's 8×8 digits (1797 images, ships with the package: no download), standardized with
-    the training split's statistics, split deterministically by ``seed``."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float64)
-    y = torch.tensor(y, dtype=torch.int64)
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(test_fraction * x.shape[0]))
-    test, train = order[:n_test], order[n_test:]
-    mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-    x = (x - mean) / std
-    return Data(x[train].to(device, dtype), y[train].to(device), x[test].to(device, dtype), y[test].to(device))
+def options(study: str, given: Mapping, defaults: Mapping) -> dict:
+    """The study's own options: ``defaults`` updated with ``given`` (None keeps the default); an unknown
+    name is an error that lists the known ones."""
+    unknown = [k for k in given if k not in defaults]
+    if unknown:
+        raise TypeError(f"study {study!r}: unknown option {unknown[0]!r}; its options are "
+                        f"{', '.join([*COMMON, *defaults])}")
+    return {k: (given[k] if given.get(k) is not None else v) for k, v in defaults.items()}
 
 
-# ---- models -------------------------------------------------------------------------------------------
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-VARIANTS = ("plain", "batchnorm", "residual")
-
-
-class Residual(nn.Module):
-    """x + f(x): the skip connection of a residual MLP block."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return x + self.body(x)
+def check_common(steps, lrs, seed) -> list[float] | None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if lrs is None:
+        return None
+    lrs = [lrs] if isinstance(lrs, (int, float)) else list(lrs)
+    if not lrs or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 for lr in lrs):
+        raise ValueError(f"learning rates must be numbers > 0, got {lrs!r}")
+    return [float(lr) for lr in lrs]
 
 
-def mlp(inputs: int, width: int, depth: int, outputs: int, *, activation: str = "relu",
-        variant: str = "plain") -> nn.Sequential:
-    """An MLP as an ``nn.Sequential`` with one child per layer (so ``by_module`` gives one block per
-    layer): ``depth`` hidden layers of ``width`` units, then a linear head.
-
-    variant: "plain" (Linear, act), "batchnorm" (Linear, BatchNorm1d, act), "residual" (first layer
-    Linear+act, then x + act(Linear(x)) blocks)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    act = ACTIVATIONS[activation]
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        fan_in = inputs if i == 0 else width
-        if variant == "residual" and i > 0:
-            layers.append(Residual(nn.Sequential(nn.Linear(fan_in, width), act())))
-        elif variant == "batchnorm":
-            layers.append(nn.Sequential(nn.Linear(fan_in, width), nn.BatchNorm1d(width), act()))
-        else:
-            layers.append(nn.Sequential(nn.Linear(fan_in, width), act()))
-    layers.append(nn.Linear(width if depth > 0 else inputs, outputs))
-    return nn.Sequential(*layers)
+def size(quick: bool, full: bool) -> str:
+    """The study's configuration: ``"full"`` (``--full``) or ``"quick"`` (``--quick``, the default)."""
+    if quick and full:
+        raise ValueError("quick and full are exclusive: pick one configuration")
+    return "full" if full else "quick"
 
 
-def layer_blocks(model: nn.Sequential):
-    """One block per child of a Sequential (a whole layer, batch norm included), named ``layer{i}``."""
-    from pyco.blocks import Blocks
+def seed_list(seed: int, seeds: int | None, full: bool) -> list[int]:
+    """The seeds a study runs: ``seeds`` of them from ``seed`` on (default 3, or 5 with ``full``)."""
+    n = (FULL_SEEDS if full else QUICK_SEEDS) if seeds is None else seeds
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    return [seed + i for i in range(n)]
 
-    return Blocks([(f"layer{i}", [p for p in child.parameters() if p.requires_grad])
-                   for i, child in enumerate(model) if any(True for _ in child.parameters())])
+
+def provenance() -> dict:
+    """How a result was made: the command line, the date (UTC), the versions and the build."""
+    import datetime
+    import platform
+    import sys
+
+    import pyco
+
+    argv = list(sys.argv)
+    return {"command": argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "pyco": pyco.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "threads": torch.get_num_threads(), "info": pyco.info()}
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train(was_training)
-    return acc
+def config(factory: WorkloadFactory, workload: Workload, **settings) -> dict:
+    """What a study's results name the run by: the workload (SPEC, options, its summary), the settings
+    (``seeds`` a list) and how the run was made (:func:`provenance`)."""
+    return {"workload": workload.name, "spec": factory.spec, "workload_options": dict(factory.options),
+            "workload_summary": workload.summary(), **settings, **provenance()}
+
+
+def results(study: str, question: str, cfg: dict, summary, **extra) -> dict:
+    """The results every study returns and writes to ``results.json``: ``study``, ``question``, ``config``,
+    ``summary`` (name -> ``{"mean", "ci95", "n"}``, the numbers the report's sentences come from), ``partial``
+    and the study's own tables in ``extra``."""
+    return {"study": study, "question": question, "config": cfg,
+            "summary": summary.to_dict() if hasattr(summary, "to_dict") else dict(summary), "partial": False, **extra}
+
+
+def run_dir(out) -> "RunDir | None":
+    if out is None or isinstance(out, RunDir):
+        return out
+    return RunDir(out)
+
+
+def closure_for(workload: Workload, opt, batch, counter: list | None = None):
+    """The closure an optimizer or an order calls: zero the gradients, the loss of ``batch``, backward."""
+    def closure():
+        if counter is not None:
+            counter[0] += 1
+        opt.zero_grad()
+        loss = workload.loss(batch)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def train(workload: Workload, opt, batches, steps: int, *, show: bool = False, desc: str = "") -> list[float]:
+    """``steps`` plain steps of ``opt`` on ``batches``; the batch losses."""
+    losses = []
+    for _ in progress(range(steps), desc=desc, enabled=show):
+        losses.append(opt.step(closure_for(workload, opt, next(batches))).detach().item())
+    return losses
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """Eval metrics for a report: accuracy as a percentage, others to 4 significant digits."""
+    parts = []
+    for k, v in metrics.items():
+        parts.append(f"{k} {v:.1%}" if k == "accuracy" else f"{k} {v:.4g}")
+    return ", ".join(parts) if parts else "no held-out metrics"
 
 
 # ---- outputs ------------------------------------------------------------------------------------------

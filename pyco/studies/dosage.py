@@ -1,8 +1,10 @@
 """Seed 003, "gradient dosage": which parts of a network receive the gradient, and which starve?
 
-Part 1 (digits MLP): per block (layer) and per hidden unit, the cumulative share of squared gradient over
-training. The per-block numbers are the fused kernels' statistics (Σg² per block, computed in the update's
-memory pass); the per-unit numbers are Σ over a unit's incoming weights and bias.
+Part 1 (the workload): per block and per unit, the cumulative share of squared gradient over training
+(``steps`` steps of the recipe; default its budget, a quarter of it when ``quick``). The per-block numbers
+are the fused kernels' statistics (Σg² per block, computed in the update's memory pass); a unit is an
+output unit of a Linear layer or an output channel of a convolution, its dose the Σg² over its incoming
+weights and bias.
 
 Part 2 (gradient starvation): two independent features predict the label equally well (same Bayes
 accuracy); one is easy (one strong coordinate), one is hard (the same signal spread thinly over 16
@@ -18,16 +20,16 @@ from torch import nn
 
 import pyco
 from pyco.blocks import Blocks
-from pyco.studies._common import RunDir, accuracy, digits, layer_blocks, mlp, progress, pyplot
+from pyco.studies._common import (RunDir, check_common, config, factory_of, options as study_options,
+                                  progress, pyplot, run_dir)
+from pyco.studies.workloads import DEFAULT
 
 NAME = "dosage"
 QUESTION = "seed 003: which blocks and units receive the gradient dose, and does one feature starve another?"
 
-DEFAULTS = dict(steps=300, lr=[0.05], depth=3, width=64, batch=64, starvation_steps=600, sd_lambda=0.05)
-
-
-def add_arguments(parser) -> None:
-    """No options beyond the common ones (--steps --lr --depth --width --device --seed)."""
+OPTIONS = dict(starvation_steps=600, starvation_width=32, sd_lambda=0.05)
+QUICK = dict(starvation_steps=200)
+UNIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def gini(values: list[float]) -> float:
@@ -39,39 +41,42 @@ def gini(values: list[float]) -> float:
     return sum((2 * (i + 1) - n - 1) * x for i, x in enumerate(v)) / (n * total)
 
 
-def unit_dose(model: nn.Sequential) -> dict[str, torch.Tensor]:
-    """Per hidden unit of each layer: Σ g² over the unit's incoming weights and bias (this step)."""
+def unit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and convolution layers with a trainable weight, by module path."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, UNIT_LAYERS) and m.weight is not None and m.weight.requires_grad}
+
+
+def unit_dose(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per output unit of each layer: Σ g² over the unit's incoming weights and bias (this step)."""
     doses = {}
-    for i, child in enumerate(model[:-1]):
-        linear = next(m for m in child.modules() if isinstance(m, nn.Linear))
-        dose = linear.weight.grad.double().square().sum(1)
-        if linear.bias is not None:
-            dose = dose + linear.bias.grad.double().square()
-        doses[f"layer{i}"] = dose
+    for name, layer in layers.items():
+        if layer.weight.grad is None:
+            continue
+        dose = layer.weight.grad.double().square().reshape(layer.weight.shape[0], -1).sum(1)
+        if layer.bias is not None and layer.bias.grad is not None:
+            dose = dose + layer.bias.grad.double().square()
+        doses[name] = dose.cpu()
     return doses
 
 
-def digits_dosage(args, device, show) -> dict:
-    torch.manual_seed(args.seed)
-    data = digits(device, seed=args.seed)
-    depth, width = args.depth or DEFAULTS["depth"], args.width or DEFAULTS["width"]
-    steps, lr = args.steps or DEFAULTS["steps"], (args.lr or DEFAULTS["lr"])[0]
-    model = mlp(data.features, width, depth, data.classes).to(device)
-    blocks = layer_blocks(model)
-    opt = pyco.optim.SGD(model.parameters(), lr=lr, momentum=0.9, blocks=blocks)
-    batches = data.batches(DEFAULTS["batch"], torch.Generator().manual_seed(args.seed))
+def workload_dosage(workload, steps: int, lr: float, show: bool) -> dict:
+    blocks = workload.blocks
+    opt = workload.recipe.make(workload.model.parameters(), lr=lr, blocks=blocks)
+    batches = workload.batches()
+    layers = unit_layers(workload.model)
     cumulative_block = torch.zeros(len(blocks), dtype=torch.float64)
-    cumulative_unit = {name: torch.zeros(width, dtype=torch.float64) for name in list(blocks.names)[:-1]}
+    cumulative_unit = {name: torch.zeros(m.weight.shape[0], dtype=torch.float64) for name, m in layers.items()}
     history = []
-    for step in progress(range(steps), desc="dosage: digits", enabled=show):
-        x, y = next(batches)
+    for step in progress(range(steps), desc=f"dosage: {workload.name}", enabled=show):
+        batch = next(batches)
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = workload.loss(batch)
         loss.backward()
-        for name, dose in unit_dose(model).items():
-            cumulative_unit[name] += dose.cpu()
+        for name, dose in unit_dose(layers).items():
+            cumulative_unit[name] += dose
         opt.step()
-        cumulative_block += opt.last_stats.grad_sq
+        cumulative_block += opt.last_stats.grad_sq.cpu()
         share = cumulative_block / cumulative_block.sum()
         history.append({"step": step + 1, "loss": loss.item(),
                         **{f"share_{n}": s for n, s in zip(blocks.names, share.tolist())}})
@@ -79,18 +84,19 @@ def digits_dosage(args, device, show) -> dict:
     for name, dose in cumulative_unit.items():
         ordered = sorted(dose.tolist(), reverse=True)
         top = max(1, len(ordered) // 10)
+        total = sum(ordered)
         units[name] = {
             "gini": gini(ordered),
-            "top10pct_share": sum(ordered[:top]) / sum(ordered),
+            "top10pct_share": sum(ordered[:top]) / total if total else float("nan"),
             "dead_units": int(sum(1 for d in ordered if d == 0.0)),
             "sorted_dose": ordered,
         }
     return {
-        "config": {"depth": depth, "width": width, "steps": steps, "lr": lr, "optimizer": "pyco SGD momentum 0.9"},
+        "config": {"steps": steps, "lr": lr, "optimizer": f"pyco {workload.recipe.optimizer}"},
         "block_share": dict(zip(blocks.names, (cumulative_block / cumulative_block.sum()).tolist())),
         "block_numel": dict(zip(blocks.names, blocks.numel())),
         "units": units,
-        "test_accuracy": accuracy(model, data.x_test, data.y_test),
+        "eval": workload.evaluate(),
         "history": history,
     }
 
@@ -127,18 +133,17 @@ def branch_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def starvation_run(args, device, sd_lambda: float, show: bool) -> dict:
-    gen = torch.Generator().manual_seed(args.seed)
+def starvation_run(seed: int, width: int, steps: int, device, sd_lambda: float, show: bool) -> dict:
+    gen = torch.Generator().manual_seed(seed)
     train = starvation_data(2000, gen, device)
     test = starvation_data(2000, gen, device)
-    torch.manual_seed(args.seed)
-    model = TwoBranch(args.width or 32).to(device)
+    torch.manual_seed(seed)
+    model = TwoBranch(width).to(device)
     blocks = Blocks([("easy branch", model.easy.parameters()), ("hard branch", model.hard.parameters())])
     opt = pyco.optim.SGD(model.parameters(), lr=0.05, blocks=blocks)
-    steps = DEFAULTS["starvation_steps"]
     cumulative = torch.zeros(2, dtype=torch.float64)
     history = []
-    batch_gen = torch.Generator().manual_seed(args.seed + 1)
+    batch_gen = torch.Generator().manual_seed(seed + 1)
     for step in progress(range(steps), desc=f"dosage: starvation λ={sd_lambda}", enabled=show):
         idx = torch.randint(0, train[2].shape[0], (64,), generator=batch_gen)
         logits = model(train[0][idx], train[1][idx])
@@ -148,7 +153,7 @@ def starvation_run(args, device, sd_lambda: float, show: bool) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        cumulative += opt.last_stats.grad_sq
+        cumulative += opt.last_stats.grad_sq.cpu()
         history.append({"step": step + 1, "easy_dose": cumulative[0].item(), "hard_dose": cumulative[1].item()})
     with torch.no_grad():
         easy_x, hard_x, y = test
@@ -168,33 +173,52 @@ def starvation_run(args, device, sd_lambda: float, show: bool) -> dict:
 
 # ---- the study ------------------------------------------------------------------------------------------
 
-def run(args, out: RunDir) -> dict:
-    device = torch.device(args.device)
-    show = not args.no_progress
-    part1 = digits_dosage(args, device, show)
-    part2 = [starvation_run(args, device, lam, show) for lam in (0.0, DEFAULTS["sd_lambda"])]
-    out.csv("dosage_blocks.csv", part1["history"])
-    out.csv("dosage_units.csv", [{"layer": n, "rank": r, "dose": d} for n, u in part1["units"].items()
-                                 for r, d in enumerate(u["sorted_dose"])])
-    out.csv("starvation.csv", [{k: v for k, v in r.items() if k != "history"} for r in part2])
-    figures(part1, part2, out)
-    out.text("report.md", report(part1, part2))
-    return {"study": NAME, "question": QUESTION, "digits": part1, "starvation": part2}
+def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: int = 0, quick: bool = False,
+        out=None, show_progress: bool = False, **options) -> dict:
+    """Part 1 on ``workload_factory(seed)`` (``lrs[0]``, if given, replaces the recipe's lr), part 2 on its
+    synthetic two-feature task (``starvation_steps``, ``starvation_width``, ``sd_lambda``; 200 steps when
+    ``quick``)."""
+    factory = factory_of(workload_factory)
+    lrs = check_common(steps, lrs, seed)
+    opts = study_options(NAME, options, OPTIONS)
+    if quick:
+        opts.update({k: v for k, v in QUICK.items() if options.get(k) is None})
+    workload = factory(seed)
+    steps = steps or (max(1, workload.recipe.steps // 4) if quick else workload.recipe.steps)
+    lr = lrs[0] if lrs else workload.recipe.lr
+    part1 = workload_dosage(workload, steps, lr, show_progress)
+    part2 = [starvation_run(seed, opts["starvation_width"], opts["starvation_steps"], workload.device, lam,
+                            show_progress) for lam in (0.0, opts["sd_lambda"])]
+    cfg = config(factory, workload, steps=steps, seed=seed, lr=lr, quick=quick, **opts)
+    results = {"study": NAME, "question": QUESTION, "config": cfg, "workload": part1, "starvation": part2}
+    out = run_dir(out)
+    if out is not None:
+        out.csv("dosage_blocks.csv", part1["history"])
+        out.csv("dosage_units.csv", [{"layer": n, "rank": r, "dose": d} for n, u in part1["units"].items()
+                                     for r, d in enumerate(u["sorted_dose"])])
+        out.csv("starvation.csv", [{k: v for k, v in r.items() if k != "history"} for r in part2])
+        figures(part1, part2, cfg, out)
+        out.text("report.md", report(part1, part2, cfg))
+    return results
 
 
-def figures(part1: dict, part2: list[dict], out: RunDir) -> None:
+def figures(part1: dict, part2: list[dict], cfg: dict, out: RunDir) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [h["step"] for h in part1["history"]]
-    for name in part1["block_share"]:
+    shares = part1["block_share"]
+    shown = sorted(shares, key=shares.get, reverse=True)[:10]
+    for name in shown:
         axes[0].plot(steps, [h[f"share_{name}"] for h in part1["history"]], label=name)
-    axes[0].set(xlabel="step", ylabel="cumulative share of Σg²", title="dose per layer (digits)")
-    axes[0].legend()
-    for name, u in part1["units"].items():
+    axes[0].set(xlabel="step", ylabel="cumulative share of Σg²", title=f"dose per block ({cfg['workload']})")
+    axes[0].legend(fontsize=7)
+    for name, u in list(part1["units"].items())[:10]:
         dose = u["sorted_dose"]
-        axes[1].plot(range(1, len(dose) + 1), [d / sum(dose) for d in dose], label=f"{name} (Gini {u['gini']:.2f})")
-    axes[1].set(xlabel="unit rank", ylabel="share of the layer's dose", yscale="log", title="dose per hidden unit")
-    axes[1].legend()
+        total = sum(dose) or 1.0
+        axes[1].plot(range(1, len(dose) + 1), [max(d / total, 1e-300) for d in dose],
+                     label=f"{name} (Gini {u['gini']:.2f})")
+    axes[1].set(xlabel="unit rank", ylabel="share of the layer's dose", yscale="log", title="dose per unit")
+    axes[1].legend(fontsize=7)
     for run_, style in zip(part2, ("-", "--")):
         hs = run_["history"]
         total = [h["easy_dose"] + h["hard_dose"] for h in hs]
@@ -206,20 +230,22 @@ def figures(part1: dict, part2: list[dict], out: RunDir) -> None:
     out.figure("dosage.png", fig)
 
 
-def report(part1: dict, part2: list[dict]) -> str:
+def report(part1: dict, part2: list[dict], cfg: dict) -> str:
+    from pyco.studies._common import metrics_text
+
     shares = part1["block_share"]
     numel = part1["block_numel"]
     total = sum(numel.values())
     top = max(shares, key=shares.get)
     lines = ["# Gradient dosage (seed 003)\n",
-             f"Digits MLP ({part1['config']['depth']}×{part1['config']['width']}, {part1['config']['steps']} steps "
-             f"of {part1['config']['optimizer']}, test accuracy {part1['test_accuracy']:.1%}):\n"]
+             f"Workload `{cfg['workload']}` ({part1['config']['steps']} steps of {part1['config']['optimizer']}, "
+             f"held-out {metrics_text(part1['eval'])}):\n"]
     for name, share in shares.items():
         lines.append(f"- {name}: {share:.1%} of the cumulative squared gradient for "
                      f"{numel[name] / total:.1%} of the parameters")
     lines.append(f"\nThe largest dose went to {top} ({shares[top]:.1%}).")
     for name, u in part1["units"].items():
-        lines.append(f"In {name}, the top 10% of hidden units received {u['top10pct_share']:.1%} of the layer's dose "
+        lines.append(f"In module {name}, the top 10% of units received {u['top10pct_share']:.1%} of the layer's dose "
                      f"(Gini {u['gini']:.2f}; {u['dead_units']} units received none).")
     plain, sd = part2
     lines.append("\nGradient starvation (two features, each alone worth the same Bayes accuracy of 97.7%):\n")

@@ -1,15 +1,17 @@
-"""Seed 001, "the features layer n sees are not the ones it was optimized for": how far do a layer's input
-features move in one step, and how much does its gradient change once the layers below it have moved?
+"""Seed 001, "the features block n sees are not the ones it was optimized for": how far do a block's input
+features move in one step, and how much does its gradient change once the blocks below it have moved?
 
-For a fixed batch and the plain simultaneous step Δ = −η·g, per layer i:
+For a fixed training batch and the plain simultaneous step Δ = −η·g, per block i (in forward order: the
+order in which the modules owning the blocks' parameters first run):
 
-- feature drift: ‖x_i(θ+Δ) − x_i(θ)‖ / ‖x_i(θ)‖, where x_i is the input of layer i;
-- gradient shift: G'_i, the gradient of layer i at θ with only the layers below it moved (θ + Δ_{<i}),
+- feature drift: ‖x_i(θ+Δ) − x_i(θ)‖ / ‖x_i(θ)‖, where x_i is the input of the first module of block i
+  to run (token ids and other integer inputs do not drift);
+- gradient shift: G'_i, the gradient of block i at θ with only the blocks below it moved (θ + Δ_{<i}),
   against G_i at θ: ‖G'_i − G_i‖/‖G_i‖ and cos(G'_i, G_i) (Santurkar et al.'s "internal covariate shift");
 - its second-order prediction H_{i,<i}·Δ_{<i} (a Hessian-vector product): how much of the shift it explains.
 
-For plain, batch-norm and residual MLPs, over a grid of learning rates, at initialization and after
-training (``--steps`` SGD steps).
+Over a grid of step sizes, at initialization and after training (``steps`` steps of the recipe, default
+its budget, a quarter of it when ``quick``).
 """
 
 from __future__ import annotations
@@ -19,37 +21,86 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pyco.studies._common import RunDir, digits, fmt, layer_blocks, mlp, progress, pyplot
+from pyco.studies._common import (RunDir, check_common, config, factory_of, fmt, options as study_options, progress,
+                                  pyplot, run_dir, train)
+from pyco.studies.workloads import DEFAULT
 
 NAME = "feature-drift"
-QUESTION = "seed 001: how far do a layer's input features and gradient move when the layers below it move too?"
+QUESTION = "seed 001: how far do a block's input features and gradient move when the blocks below it move too?"
 
-DEFAULTS = dict(steps=100, lr=[0.01, 0.03, 0.1, 0.3, 1.0], depth=4, width=64, batch=256, train_lr=0.05)
-
-
-def add_arguments(parser) -> None:
-    """No options beyond the common ones."""
+OPTIONS = dict(etas=(0.01, 0.03, 0.1, 0.3, 1.0))
 
 
-def layer_inputs(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
-    """The input of every child of the Sequential on x."""
-    inputs = []
-    for child in model:
-        inputs.append(x)
-        x = child(x)
-    return inputs
+def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: int = 0, quick: bool = False,
+        out=None, show_progress: bool = False, **options) -> dict:
+    """Measures at initialization and after ``steps`` training steps; ``lrs`` (or the option ``etas``) is the
+    grid of step sizes η of the measured step Δ = −η·g."""
+    factory = factory_of(workload_factory)
+    lrs = check_common(steps, lrs, seed)
+    opts = study_options(NAME, options, OPTIONS)
+    etas = lrs or list(opts["etas"])
+    workload = factory(seed)
+    steps = steps or (max(1, workload.recipe.steps // 4) if quick else workload.recipe.steps)
+    batches = workload.batches()
+    batch = next(batches)
+    rows = []
+    for phase in ("init", "trained"):
+        if phase == "trained":
+            opt = workload.recipe.make(workload.model.parameters())
+            train(workload, opt, batches, steps, show=show_progress, desc=f"feature-drift: train {workload.name}")
+        for eta in progress(etas, desc=f"feature-drift: {phase}", enabled=show_progress):
+            rows += [{"phase": phase, **r} for r in measure(workload, batch, eta)]
+    cfg = config(factory, workload, steps=steps, seed=seed, etas=etas, quick=quick)
+    results = {"study": NAME, "question": QUESTION, "config": cfg, "rows": rows}
+    out = run_dir(out)
+    if out is not None:
+        out.csv("feature_drift.csv", rows)
+        figures(rows, cfg, out)
+        out.text("report.md", report(rows, cfg))
+    return results
 
 
-def block_grads(model, blocks, x, y, *, create_graph=False):
-    loss = nn.functional.cross_entropy(model(x), y)
-    params = blocks.params()
-    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
-    return loss, params, list(grads)
+class Inputs:
+    """Records, while inside, the input of each block: the first floating or integer tensor passed to the
+    first module owning one of the block's parameters that runs; and the order in which blocks first run."""
+
+    def __init__(self, model: nn.Module, blocks):
+        self.owner = {}  # module -> block index
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                try:
+                    self.owner.setdefault(module, blocks.index(p))
+                except KeyError:
+                    pass
+        self.inputs: dict[int, torch.Tensor | None] = {}
+        self.order: list[int] = []
+
+    def hook(self, module, args):
+        b = self.owner.get(module)
+        if b is None or b in self.inputs:
+            return
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.inputs[b] = None if x is None else x.detach().clone()
+        self.order.append(b)
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self.hook) for m in self.owner]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
 
 
-def flat_block(tensors, blocks, params, name) -> torch.Tensor:
-    members = {id(p) for p in blocks[name]}
+def block_inputs(workload, model, blocks, batch) -> tuple[dict, list[int]]:
+    with Inputs(model, blocks) as rec, torch.no_grad():
+        workload.loss(batch, model)
+    return rec.inputs, rec.order
+
+
+def flat(tensors, params, members: set[int]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t, p in zip(tensors, params) if id(p) in members])
 
 
@@ -58,132 +109,124 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a @ b / (na * nb)).item() if na > 0 and nb > 0 else float("nan")
 
 
-def measure(model: nn.Sequential, x, y, lr: float) -> list[dict]:
-    """Per layer: feature drift, gradient shift and its second-order prediction for Δ = −lr·g."""
-    model = copy.deepcopy(model)  # measurements must not advance batch-norm statistics of the real model
-    blocks = layer_blocks(model)
-    names = list(blocks.names)
-    loss, params, grads = block_grads(model, blocks, x, y, create_graph=True)
-    step = [-lr * g.detach() for g in grads]
+def drift(before, after) -> float:
+    if before is None or after is None:
+        return float("nan")
+    if not before.is_floating_point():
+        return 0.0 if torch.equal(before, after) else float("nan")
+    norm = before.norm()
+    return ((after - before).norm() / norm).item() if norm > 0 else float("nan")
+
+
+def measure(workload, batch, eta: float) -> list[dict]:
+    """Per block: feature drift, gradient shift and its second-order prediction for Δ = −η·g. Attention runs
+    on its math backend: the prediction differentiates twice, which the fused kernels cannot."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _measure(workload, batch, eta)
+
+
+def _measure(workload, batch, eta: float) -> list[dict]:
+    # measurements must not advance batch-norm statistics of the real model: they run on copies
+    model, blocks = copy.deepcopy((workload.model, workload.blocks))
+    params = blocks.params()
+    rng = torch.get_rng_state()
+
+    def grads_of(m, ps, create_graph=False):
+        torch.set_rng_state(rng)
+        return list(torch.autograd.grad(workload.loss(batch, m), ps, create_graph=create_graph, allow_unused=True))
+
+    before, order = block_inputs(workload, model, blocks, batch)
+    order += [b for b in range(len(blocks)) if b not in order]  # blocks whose modules never ran: last
+    grads = grads_of(model, params, create_graph=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    step = [-eta * g.detach() for g in grads]
+    moved_all, moved_all_blocks = copy.deepcopy((model, blocks))
     with torch.no_grad():
-        before = layer_inputs(model, x)
-    moved_all = copy.deepcopy(model)
-    with torch.no_grad():
-        for p, d in zip(layer_blocks(moved_all).params(), step):
+        for p, d in zip(moved_all_blocks.params(), step):
             p.add_(d)
-        after = layer_inputs(moved_all, x)
+    after, _ = block_inputs(workload, moved_all, moved_all_blocks, batch)
     rows = []
-    for i, name in enumerate(names):
-        row = {"layer": name, "lr": lr,
-               "feature_drift": ((after[i] - before[i]).norm() / before[i].norm()).item()}
-        if i == 0:
+    for pos, b in enumerate(order):
+        name = blocks.names[b]
+        members = {id(p) for p in blocks[name]}
+        row = {"block": name, "position": pos, "lr": eta, "feature_drift": drift(before.get(b), after.get(b))}
+        g_i = flat([g.detach() for g in grads], params, members)
+        if pos == 0:
             row.update(grad_shift=0.0, grad_cosine=1.0, predicted_shift=0.0, prediction_cosine=float("nan"))
             rows.append(row)
             continue
-        below = {id(p) for n in names[:i] for p in blocks[n]}
-        # G'_i: gradient of layer i after only the layers below it moved
-        moved = copy.deepcopy(model)
-        moved_blocks = layer_blocks(moved)
+        below = {id(p) for c in order[:pos] for p in blocks[blocks.names[c]]}
+        moved, moved_blocks = copy.deepcopy((model, blocks))
+        moved_params = moved_blocks.params()
         with torch.no_grad():
-            for p, q, d in zip(moved_blocks.params(), params, step):
+            for p, q, d in zip(moved_params, params, step):
                 if id(q) in below:
                     p.add_(d)
-        _, moved_params, moved_grads = block_grads(moved, moved_blocks, x, y)
-        g_i = flat_block([g.detach() for g in grads], blocks, params, name)
-        g_moved = flat_block(moved_grads, moved_blocks, moved_params, name)
-        # prediction H_{i,<i} Δ_{<i}: one Hessian-vector product with the tangent Δ on the layers below i
+        moved_grads = grads_of(moved, moved_params)
+        moved_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(moved_params, moved_grads)]
+        g_moved = flat(moved_grads, params, members)
+        # prediction H_{i,<i} Δ_{<i}: one Hessian-vector product with the tangent Δ on the blocks below i
         tangent = [d if id(p) in below else torch.zeros_like(d) for p, d in zip(params, step)]
-        hv = torch.autograd.grad(grads, params, grad_outputs=tangent, retain_graph=True)
-        predicted = flat_block(hv, blocks, params, name)
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[tangent[i] for i in live],
+                                 retain_graph=True, allow_unused=True)
+        hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+        predicted = flat(hv, params, members)
         shift = g_moved - g_i
-        row.update(grad_shift=(shift.norm() / g_i.norm()).item(), grad_cosine=cosine(g_moved, g_i),
-                   predicted_shift=(predicted.norm() / g_i.norm()).item(), prediction_cosine=cosine(predicted, shift))
+        norm = g_i.norm()
+        row.update(grad_shift=(shift.norm() / norm).item() if norm > 0 else float("nan"),
+                   grad_cosine=cosine(g_moved, g_i),
+                   predicted_shift=(predicted.norm() / norm).item() if norm > 0 else float("nan"),
+                   prediction_cosine=cosine(predicted, shift))
         rows.append(row)
     return rows
 
 
-def train(model, data, steps: int, lr: float, seed: int, show: bool, desc: str) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    batches = data.batches(64, torch.Generator().manual_seed(seed))
-    for _ in progress(range(steps), desc=desc, enabled=show):
-        x, y = next(batches)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-
-def run(args, out: RunDir) -> dict:
-    device = torch.device(args.device)
-    show = not args.no_progress
-    data = digits(device, seed=args.seed)
-    depth, width = args.depth or DEFAULTS["depth"], args.width or DEFAULTS["width"]
-    steps, lrs = args.steps or DEFAULTS["steps"], args.lr or DEFAULTS["lr"]
-    x, y = data.x_train[:DEFAULTS["batch"]], data.y_train[:DEFAULTS["batch"]]
-    rows = []
-    for variant in ("plain", "batchnorm", "residual"):
-        torch.manual_seed(args.seed)
-        model = mlp(data.features, width, depth, data.classes, variant=variant).to(device)
-        for phase in ("init", "trained"):
-            if phase == "trained":
-                train(model, data, steps, DEFAULTS["train_lr"], args.seed, show, f"feature-drift: train {variant}")
-            for lr in progress(lrs, desc=f"feature-drift: {variant} {phase}", enabled=show):
-                rows += [{"variant": variant, "phase": phase, **r} for r in measure(model, x, y, lr)]
-    out.csv("feature_drift.csv", rows)
-    figures(rows, out)
-    out.text("report.md", report(rows, depth, width, steps))
-    return {"study": NAME, "question": QUESTION,
-            "config": {"depth": depth, "width": width, "steps": steps, "lrs": lrs, "batch": DEFAULTS["batch"]},
-            "rows": rows}
-
-
-def figures(rows: list[dict], out: RunDir) -> None:
+def figures(rows: list[dict], cfg: dict, out: RunDir) -> None:
     plt = pyplot()
-    variants = sorted({r["variant"] for r in rows}, key=["plain", "batchnorm", "residual"].index)
-    fig, axes = plt.subplots(2, len(variants), figsize=(5 * len(variants), 8), squeeze=False)
-    for col, variant in enumerate(variants):
-        sel = [r for r in rows if r["variant"] == variant and r["phase"] == "trained"]
-        for layer in dict.fromkeys(r["layer"] for r in sel):
-            pts = [r for r in sel if r["layer"] == layer]
-            lrs = [r["lr"] for r in pts]
-            if layer != "layer0":
-                axes[0][col].loglog(lrs, [r["feature_drift"] for r in pts], "o-", label=layer)
-                axes[1][col].semilogx(lrs, [r["grad_cosine"] for r in pts], "o-", label=layer)
-        axes[0][col].set(title=f"{variant}: input-feature drift (trained)", xlabel="learning rate",
-                         ylabel="‖x′−x‖/‖x‖")
-        axes[1][col].set(title=f"{variant}: cos(G′, G) after lower layers moved", xlabel="learning rate",
-                         ylabel="cosine")
-        axes[0][col].legend(fontsize=8)
-        axes[1][col].legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    trained = [r for r in rows if r["phase"] == "trained"]
+    names = sorted({r["block"] for r in trained}, key=lambda n: next(r["position"] for r in trained if r["block"] == n))
+    shown = names if len(names) <= 10 else names[:: max(1, len(names) // 10)]
+    for name in shown:
+        pts = sorted((r["lr"], r) for r in trained if r["block"] == name)
+        lrs = [lr for lr, _ in pts]
+        axes[0].loglog(lrs, [max(r["feature_drift"], 1e-12) for _, r in pts], "o-", label=name, ms=3)
+        axes[1].semilogx(lrs, [r["grad_cosine"] for _, r in pts], "o-", label=name, ms=3)
+    axes[0].set(title=f"{cfg['workload']}: input-feature drift (trained)", xlabel="step size η", ylabel="‖x′−x‖/‖x‖")
+    axes[1].set(title=f"{cfg['workload']}: cos(G′, G) after lower blocks moved", xlabel="step size η",
+                ylabel="cosine")
+    for ax in axes:
+        ax.legend(fontsize=7)
     out.figure("feature_drift.png", fig)
 
 
-def report(rows: list[dict], depth: int, width: int, steps: int) -> str:
+def report(rows: list[dict], cfg: dict) -> str:
+    w = cfg["workload_summary"]
     lines = ["# Feature drift and gradient shift (seed 001)\n",
-             f"MLPs with {depth} hidden layers of {width} units on digits; one plain gradient step Δ = −η·g on a fixed "
-             f"batch, measured at initialization and after {steps} training steps.\n"]
-    trained = [r for r in rows if r["phase"] == "trained"]
-    top = max(r["lr"] for r in trained)
-    last = max((r["layer"] for r in trained), key=lambda n: int(n[5:]))
-    for variant in dict.fromkeys(r["variant"] for r in trained):
-        sel = [r for r in trained if r["variant"] == variant]
-        at_top = [r for r in sel if r["lr"] == top and r["layer"] != "layer0"]
-        worst = max(at_top, key=lambda r: r["feature_drift"])
-        low_cos = [r for r in sel if r["layer"] != "layer0" and r["grad_cosine"] < 0.9]
+             f"Workload `{cfg['workload']}` ({w['description'] or str(w['parameters']) + ' parameters'}), "
+             f"{len(w['blocks'])} blocks; one plain gradient step Δ = −η·g on a fixed batch, measured at "
+             f"initialization and after {cfg['steps']} training steps.\n"]
+    for phase in ("init", "trained"):
+        sel = [r for r in rows if r["phase"] == phase]
+        top = max(r["lr"] for r in sel)
+        at_top = [r for r in sel if r["lr"] == top and r["position"] > 0 and math.isfinite(r["feature_drift"])]
+        low_cos = [r for r in sel if r["position"] > 0 and r["grad_cosine"] < 0.9]
         first_bad = min((r["lr"] for r in low_cos), default=None)
-        head = next(r for r in at_top if r["layer"] == last)
-        head_note = "" if worst is head else f" (the head's inputs by {head['feature_drift']:.1%})"
-        lines.append(f"- **{variant}**: at η = {fmt(top)} the input features of {worst['layer']} moved by "
-                     f"{worst['feature_drift']:.1%} in one step{head_note}; "
-                     + (f"a layer's gradient, recomputed after the layers below it moved, first fell below cosine 0.9 "
-                        f"with the original at η = {fmt(first_bad)}."
-                        if first_bad is not None else
-                        f"every layer's recomputed gradient kept cosine ≥ 0.9 with the original up to η = {fmt(top)}."))
+        text = f"- **{phase}**: "
+        if at_top:
+            worst = max(at_top, key=lambda r: r["feature_drift"])
+            text += f"at η = {fmt(top)} the input features of {worst['block']} moved by {worst['feature_drift']:.1%} in one step; "
+        text += (f"a block's gradient, recomputed after the blocks below it moved, first fell below cosine 0.9 with "
+                 f"the original at η = {fmt(first_bad)}." if first_bad is not None else
+                 f"every block's recomputed gradient kept cosine ≥ 0.9 with the original up to η = {fmt(top)}.")
+        lines.append(text)
+    trained = [r for r in rows if r["phase"] == "trained"]
     small = min(r["lr"] for r in trained)
     explained = [r["prediction_cosine"] for r in trained if r["lr"] == small and not math.isnan(r["prediction_cosine"])]
     if explained:
-        verdict = ("so the shift is, to second order, the cross-layer curvature term" if min(explained) > 0.9 else
-                   "so the cross-layer curvature term explains the shift only in part (higher orders matter)")
+        verdict = ("so the shift is, to second order, the cross-block curvature term" if min(explained) > 0.9 else
+                   "so the cross-block curvature term explains the shift only in part (higher orders matter)")
         lines.append(f"\nAt η = {fmt(small)} the second-order prediction H_(i,<i)·Δ_(<i) points along the measured "
-                     f"gradient shift with cosine {min(explained):.3f} to {max(explained):.3f} across layers and "
-                     f"networks, {verdict}.")
+                     f"gradient shift with cosine {min(explained):.3f} to {max(explained):.3f} across blocks, {verdict}.")
     return "\n".join(lines) + "\n"

@@ -8,11 +8,14 @@ and only the actual loss L(θ − η·g) is evaluated per grid point. The model 
 the first η on the grid where the loss stops falling.
 
 Cases: cs231n's f = (x+y)·z at x=−2, y=5, z=−4 (minimized as is, and as the squared error ½((x+y)·z)²);
-a digits MLP on one example and on one batch, after ``--steps`` training steps.
+the workload after ``steps`` training steps (default: its budget, a quarter of it when ``quick``) on one
+training batch and on the example of that batch it fits least (when the batch splits into examples: a
+tensor, or a tuple, list or dict of tensors sharing their first dimension).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -20,34 +23,64 @@ from torch import nn
 
 import pyco
 from pyco.blocks import Blocks
-from pyco.studies._common import RunDir, digits, fmt, layer_blocks, mlp, pyplot
+from pyco.studies._common import (RunDir, check_common, config, factory_of, fmt, options as study_options, pyplot,
+                                  run_dir, train)
+from pyco.studies.workload import cast_batch, map_tensors
+from pyco.studies.workloads import DEFAULT
 
 NAME = "step-size"
 QUESTION = "seed 002: does a small enough gradient step always lower the loss, and how large may it be?"
 
-DEFAULTS = dict(steps=100, depth=3, width=32, batch=128, grid=(-4.0, 2.0, 49), train_lr=0.05)
+OPTIONS = dict(grid=(-4.0, 2.0, 49))
 
 
-def add_arguments(parser) -> None:
-    """No options beyond the common ones."""
+def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: int = 0, quick: bool = False,
+        out=None, show_progress: bool = False, **options) -> dict:
+    """The toy cases and the workload's cases (``lrs[0]``, if given, replaces the recipe's lr for the
+    training steps). ``grid``: (log10 of the smallest η, of the largest, points)."""
+    factory = factory_of(workload_factory)
+    lrs = check_common(steps, lrs, seed)
+    opts = study_options(NAME, options, OPTIONS)
+    lo, hi, n = opts["grid"]
+    etas = [10 ** (lo + (hi - lo) * i / (n - 1)) for i in range(int(n))]
+    workload = factory(seed)
+    steps = steps or (max(1, workload.recipe.steps // 4) if quick else workload.recipe.steps)
+    lr = lrs[0] if lrs else workload.recipe.lr
+    cases = toy_cases(etas) + workload_cases(workload, steps, lr, etas, show_progress)
+    cfg = config(factory, workload, steps=steps, seed=seed, lr=lr, grid=list(opts["grid"]), quick=quick)
+    results = {"study": NAME, "question": QUESTION, "config": cfg, "cases": cases}
+    out = run_dir(out)
+    if out is not None:
+        out.csv("step_size.csv", [r for c in cases for r in c["rows"]])
+        out.csv("step_size_summary.csv", [{k: v for k, v in c.items() if k not in ("rows", "C", "blocks")}
+                                          for c in cases])
+        figures(cases, out)
+        out.text("report.md", report(cases, cfg))
+    return results
 
 
 def scan(name: str, loss_fn, blocks: Blocks, etas: list[float]) -> dict:
     """Probe once at η = 1 along −g, then evaluate the actual loss change at every η."""
     params = blocks.params()
-    grads = torch.autograd.grad(loss_fn(), params)
-    report = pyco.probe.cross_terms(loss_fn, blocks, [-g for g in grads], dtype=torch.float64, alone=False)
+    rng = torch.get_rng_state()  # every evaluation starts from the same random state (dropout masks)
+
+    def loss():
+        torch.set_rng_state(rng)
+        return loss_fn()
+
+    grads = torch.autograd.grad(loss(), params)
+    report = pyco.probe.cross_terms(loss, blocks, [-g for g in grads], dtype=torch.float64, alone=False)
     first, c = float(report.first_order.sum()), report.C
     within = 0.5 * float(torch.diagonal(c).sum())
     cross = 0.5 * float(c.sum()) - within
     originals = [p.detach().clone() for p in params]
     rows = []
     with torch.no_grad():
-        before = loss_fn().double().item()
+        before = loss().double().item()
         for eta in etas:
             for p, p0, g in zip(params, originals, grads):
                 p.copy_(p0 - eta * g)
-            actual = loss_fn().double().item() - before
+            actual = loss().double().item() - before
             model = eta * first + eta * eta * (within + cross)
             rows.append({"case": name, "eta": eta, "actual": actual, "first_order": eta * first,
                          "within": eta * eta * within, "cross": eta * eta * cross, "second_order_model": model,
@@ -56,9 +89,8 @@ def scan(name: str, loss_fn, blocks: Blocks, etas: list[float]) -> dict:
             p.copy_(p0)
     curvature = 2 * (within + cross)  # gᵀHg
     eta_star = -first / curvature if curvature > 0 else math.inf
-    falling = [r["eta"] for r in rows]
     first_rise = next((r["eta"] for r in rows if r["actual"] >= 0), None)
-    largest = max((e for e in falling if first_rise is None or e < first_rise), default=None)
+    largest = max((r["eta"] for r in rows if first_rise is None or r["eta"] < first_rise), default=None)
     return {
         "case": name, "blocks": list(blocks.names), "loss": before, "grad_sq": -first,
         "gHg": curvature, "cross_share_of_curvature": (2 * cross / curvature) if curvature else float("nan"),
@@ -77,40 +109,35 @@ def toy_cases(etas) -> list[dict]:
             scan("1/2((x+y)z)^2", lambda: 0.5 * ((x + y) * z) ** 2, blocks, etas)]
 
 
-def mlp_cases(args, etas, device) -> list[dict]:
-    data = digits(device, seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = mlp(data.features, args.width or DEFAULTS["width"], args.depth or DEFAULTS["depth"], data.classes).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=DEFAULTS["train_lr"], momentum=0.9)
-    batches = data.batches(64, torch.Generator().manual_seed(args.seed))
-    for _ in range(args.steps or DEFAULTS["steps"]):
-        xb, yb = next(batches)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    # The scans run in float64 so that tiny loss changes are resolved, not rounded away.
-    model = model.double()
-    x_all, y_all = data.x_train.double(), data.y_train
-    with torch.no_grad():
-        per_example = nn.functional.cross_entropy(model(x_all), y_all, reduction="none")
-    worst = int(per_example.argmax())  # the example the network fits least: a step has something to do
-    blocks = layer_blocks(model)
-    x1, y1 = x_all[worst:worst + 1], y_all[worst:worst + 1]
-    xb, yb = x_all[:DEFAULTS["batch"]], y_all[:DEFAULTS["batch"]]
-    return [scan("MLP, worst-fit example", lambda: nn.functional.cross_entropy(model(x1), y1), blocks, etas),
-            scan(f"MLP, one batch of {DEFAULTS['batch']}", lambda: nn.functional.cross_entropy(model(xb), yb),
-                 blocks, etas)]
+def batch_size(batch) -> int | None:
+    """The number of examples of a batch whose tensors share their first dimension (None otherwise)."""
+    sizes = set()
+    map_tensors(batch, lambda t: sizes.add(t.shape[0] if t.dim() else None) or t)
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
-def run(args, out: RunDir) -> dict:
-    lo, hi, n = DEFAULTS["grid"]
-    etas = [10 ** (lo + (hi - lo) * i / (n - 1)) for i in range(n)]
-    cases = toy_cases(etas) + mlp_cases(args, etas, torch.device(args.device))
-    out.csv("step_size.csv", [r for c in cases for r in c["rows"]])
-    out.csv("step_size_summary.csv", [{k: v for k, v in c.items() if k not in ("rows", "C", "blocks")} for c in cases])
-    figures(cases, out)
-    out.text("report.md", report(cases, args))
-    return {"study": NAME, "question": QUESTION, "cases": cases}
+def workload_cases(workload, steps: int, lr: float, etas, show: bool) -> list[dict]:
+    opt = workload.recipe.make(workload.model.parameters(), lr=lr)
+    batches = workload.batches()
+    train(workload, opt, batches, steps, show=show, desc=f"step-size: train {workload.name}")
+    # The scans run in float64 (on a copy) so that tiny loss changes are resolved, not rounded away.
+    model, blocks = copy.deepcopy((workload.model, workload.blocks))
+    model.double()
+    batch = cast_batch(next(batches), torch.float64)
+    cases = [scan(f"{workload.name}, one batch", lambda: workload.loss(batch, model), blocks, etas)]
+    n = batch_size(batch)
+    if n is not None and n > 1:
+        example = lambda i: map_tensors(batch, lambda t: t[i:i + 1])  # noqa: E731
+        try:
+            with torch.no_grad():
+                per_example = [workload.loss(example(i), model).item() for i in range(n)]
+        except (RuntimeError, ValueError):  # a model that needs more than one example (batch norm on [1, C])
+            per_example = None
+        if per_example is not None:
+            worst = max(range(n), key=per_example.__getitem__)  # the example the network fits least
+            one = example(worst)
+            cases.append(scan(f"{workload.name}, worst-fit example", lambda: workload.loss(one, model), blocks, etas))
+    return cases
 
 
 def figures(cases: list[dict], out: RunDir) -> None:
@@ -133,10 +160,12 @@ def figures(cases: list[dict], out: RunDir) -> None:
     out.figure("step_size.png", fig)
 
 
-def report(cases: list[dict], args) -> str:
+def report(cases: list[dict], cfg: dict) -> str:
+    lo, hi, _ = cfg["grid"]
     lines = ["# Does a small enough step always lower the loss? (seed 002)\n",
-             "One gradient step Δ = −η·g per case, η on a log grid from 1e-4 to 1e2; the second-order model "
-             "comes from one exact probe (float64).\n",
+             f"One gradient step Δ = −η·g per case, η on a log grid from {fmt(10 ** lo)} to {fmt(10 ** hi)}; the "
+             f"second-order model comes from one exact probe (float64). Workload `{cfg['workload']}` after "
+             f"{cfg['steps']} training steps.\n",
              "| case | ‖g‖² | gᵀHg | cross share of gᵀHg | model's 2η* | measured largest decreasing η |",
              "|---|---|---|---|---|---|"]
     for c in cases:
