@@ -13,6 +13,8 @@ fused optimizers), all on one fixed training batch:
     probe rows            the same in mode="rows": one Hessian-vector product (float64, alone=False)
     record                pyco.probe.record of a real step: the step, full C and alone (float64), as the
                           coadaptation study records
+    monitor               a step recorded by pyco.probe.Monitor (its defaults: full C in float64, no alone):
+                          what a recorded step of a monitored training run costs
 
 Rounds interleave the subjects so that drift and other processes hit them alike; each ratio is the ratio of
 medians, and its spread the range of the per-round ratios. The JSON names the threads and the load average
@@ -42,10 +44,11 @@ import torch
 import pyco
 from bench_common import machine, parse, report
 from pyco.studies import load_workload, workloads
+from pyco.studies.intervals import t_interval
 from pyco.studies.workload import map_tensors
 
 SUBJECTS = ("simultaneous", "gauss-seidel", "gauss-seidel chain", "block-coord top", "block-coord bottom",
-            "probe full C", "probe rows", "record")
+            "probe full C", "probe rows", "record", "monitor")
 
 
 def sync(device) -> None:
@@ -100,6 +103,9 @@ def subjects(workload, batch) -> dict:
     model, blocks, opt = copy_of()
     out["record"] = (lambda m, b, o: lambda: pyco.probe.record(o, closure_for(workload, m, o, batch), b,
                                                                 dtype=torch.float64))(model, blocks, opt)
+    model, blocks, opt = copy_of()
+    monitor = pyco.probe.Monitor(opt, blocks, every=1)  # every step recorded: the cost of a recorded step
+    out["monitor"] = (lambda m, o, mon: lambda: mon.step(closure_for(workload, m, o, batch)))(model, opt, monitor)
     return {name: out[name] for name in SUBJECTS if name in out}
 
 
@@ -142,15 +148,10 @@ def time_workload(spec: str, args, device) -> dict:
     }
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 def interval(values: list[float]) -> dict:
     """Mean and 95% interval (Student's t) of the values, one per seed."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    half = T975.get(n - 1, 1.96) * statistics.stdev(values) / n ** 0.5 if n > 1 else float("nan")
-    return {"mean": mean, "low": mean - half, "high": mean + half, "values": values}
+    e = t_interval(values)
+    return {"mean": e.mean, "low": e.lo, "high": e.hi, "values": list(values)}
 
 
 def budget(spec: str, args, device) -> dict:

@@ -4,14 +4,27 @@ so importing it needs no GPU and no driver. A missing CUDA build fails when it i
 
 from __future__ import annotations
 
+from pathlib import Path
+
+
+def missing_kernels_message(package_dir: Path) -> str:
+    """What to say when pyco._C does not import from ``package_dir``: the source tree shadowing the installed
+    package (the usual case: Python is run from the repository root), or a broken install."""
+    root = package_dir.parent
+    if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir():
+        return (f"`import pyco` found pyco's source tree at {root} instead of the installed package: Python puts "
+                f"the current directory first on sys.path, and a source tree holds no compiled kernels "
+                f"(pyco._C). Run from another directory (e.g. `cd ..`), or, to work on pyco itself, install it "
+                f"in place with `pip install -e .`, which makes the source tree importable with its kernels.")
+    return ("pyco's compiled kernels (pyco._C) could not be imported. Install pyco from its source tree with "
+            "`pip install .` (it needs a C++17 compiler and CMake >= 3.18), or for a plain CMake build run "
+            "`cmake -S . -B build -DPYCO_PYTHON=ON && cmake --build build` and put the source tree on PYTHONPATH.")
+
+
 try:
     from pyco import _C
-except ImportError as exc:  # pragma: no cover - only on a broken install
-    raise ImportError(
-        "pyco's compiled kernels (pyco._C) could not be imported. Install pyco from its source tree with "
-        "`pip install .` (it needs a C++17 compiler and CMake >= 3.18), or for a plain CMake build run "
-        "`cmake -S . -B build && cmake --build build` and put the source tree on PYTHONPATH."
-    ) from exc
+except ImportError as exc:
+    raise ImportError(missing_kernels_message(Path(__file__).resolve().parent)) from exc
 
 try:
     from pyco import _C_cuda

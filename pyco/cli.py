@@ -43,12 +43,16 @@ def _add_common_study_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--full", action="store_true",
                       help="each study's full configuration, more seeds (at most 30 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, help="seeds per measurement (default 3, or 5 with --full)")
+    p.add_argument("--force", action="store_true", help="replace a complete run already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pyco import __version__
+
     parser = _Parser(prog="pyco", description="Exact, measurable update orders for neural networks.")
-    sub = parser.add_subparsers(dest="command", metavar="{study,bench,info}", parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"pyco {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{study,bench,plot,info}", parser_class=_Parser)
 
     study = sub.add_parser("study", help="run a study: pyco study NAME, or pyco study --list")
     study.add_argument("name", nargs="?", help="the study to run (see --list)")
@@ -58,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (update, orders, probe, workloads) and write its JSON")
     bench.add_argument("subject", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed on to benchmarks/bench_<subject>.py")
+
+    plot = sub.add_parser("plot", help="draw the figures of a pyco.probe.Monitor log: pyco plot DIR")
+    plot.add_argument("log", help="the Monitor's out directory (or its probe.jsonl)")
+    plot.add_argument("--out", help="the PNG to write (default DIR/probe.png)")
 
     sub.add_parser("info", help="what was built: kernels, versions, threads, devices")
     return parser
@@ -95,6 +103,14 @@ def _list() -> int:
     return 0
 
 
+def _complete(path: Path) -> bool:
+    """Whether results.json at ``path`` is a finished run (an unreadable one counts as finished: kept)."""
+    try:
+        return json.loads(path.read_text()).get("partial") is False
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def _study(args, parser) -> int:
     from pyco import studies
 
@@ -106,10 +122,16 @@ def _study(args, parser) -> int:
         module = studies.load(args.name)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.device is not None and args.device.startswith("cuda"):
+    if args.device is not None:
         import torch
 
-        if not torch.cuda.is_available():
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            parser.error(f"--device expects cpu or cuda (or cuda:N), got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
     for name in ("steps", "depth", "width", "threads", "seeds"):
         value = getattr(args, name)
@@ -121,17 +143,34 @@ def _study(args, parser) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None and out_path.exists():
+        if not out_path.is_dir():
+            parser.error(f"--out {args.out}: is a file; name a directory for the run")
+        previous = out_path / "results.json"
+        if previous.is_file() and not args.force and _complete(previous):
+            parser.error(f"--out {args.out} holds a complete run (results.json); choose a new --out, or pass --force "
+                         f"to replace it")
+    try:
+        from pyco.studies._common import pyplot
+
+        pyplot()
+    except ImportError as exc:
+        parser.error(f"{exc}")
     from pyco.studies import WorkloadError, load_workload, workloads
     from pyco.studies._common import RunDir
 
     # The workload is loaded and built once before anything is written: a bad SPEC, a factory that returns
     # something else or a loss that is not a scalar is one line, and no run directory.
     try:
-        factory = load_workload(args.workload or workloads.DEFAULT, **_workload_options(args, parser))
+        factory = load_workload(args.workload or getattr(module, "DEFAULT_WORKLOAD", workloads.DEFAULT),
+                               **_workload_options(args, parser))
         factory(args.seed).check()
     except WorkloadError as exc:
         parser.error(str(exc))
-    out = RunDir(args.out or os.path.join("runs", f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    path = Path(args.out or os.path.join("runs", f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    created = not path.exists()
+    out = RunDir(path)
     start = time.perf_counter()
     results = {"study": args.name, "partial": True, "config": factory.to_dict()}
     try:
@@ -141,9 +180,19 @@ def _study(args, parser) -> int:
         results["partial"] = False
     except KeyboardInterrupt:
         results["interrupted"] = True
-    finally:  # also on an error: what was measured so far, marked partial
+    except WorkloadError as exc:  # the study refused the workload before measuring anything: one line
+        if not out.files and not out.finished:
+            if created:
+                path.rmdir()
+            parser.error(f"study {args.name}: {exc}")
+        raise
+    finally:  # also on an error: every configuration finished so far, marked partial
         results["seconds"] = time.perf_counter() - start
-        out.json("results.json", results)
+        if results["partial"] and path.is_dir():
+            results["finished"] = out.finished
+            out.json("results.json", results)
+        elif not results["partial"]:
+            out.json("results.json", results)
     if results.get("interrupted"):
         print(f"pyco: interrupted; partial results in {out.path / 'results.json'}", file=sys.stderr)
         return 130
@@ -155,10 +204,21 @@ def _study(args, parser) -> int:
     return 0
 
 
+def _bench_script(subject: str) -> Path | None:
+    """The benchmark script: installed with the package (pyco/benchmarks/), or in the source checkout."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "benchmarks", here.parent / "benchmarks"):
+        script = folder / f"bench_{subject}.py"
+        if script.is_file():
+            return script
+    return None
+
+
 def _bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.subject}.py"
-    if not script.exists():
-        print(f"pyco: error: {script} not found; the benchmarks run from a source checkout", file=sys.stderr)
+    script = _bench_script(args.subject)
+    if script is None:
+        print(f"pyco: error: bench_{args.subject}.py is neither installed with pyco nor in a source checkout; "
+              f"reinstall pyco (`pip install .`)", file=sys.stderr)
         return 2
     sys.argv = [str(script), *args.args]
     sys.path.insert(0, str(script.parent))  # as `python benchmarks/bench_x.py` would: bench_common imports
@@ -166,6 +226,17 @@ def _bench(args) -> int:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         return int(exc.code or 0)
+    return 0
+
+
+def _plot(args, parser) -> int:
+    from pyco.probe.log_plots import plot_log
+
+    try:
+        path = plot_log(args.log, args.out)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        parser.error(f"plot: {exc}")
+    print(f"plot: wrote {path}")
     return 0
 
 
@@ -184,6 +255,8 @@ def main(argv=None) -> int:
             return _study(args, parser)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "plot":
+            return _plot(args, parser)
         if args.command == "info":
             return _info()
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback

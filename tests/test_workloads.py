@@ -56,7 +56,7 @@ def test_user_factory_runs_through_every_study(study, user_module, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["partial"] is False and results["study"] == study
     cfg = results["config"]
-    assert cfg["workload"] == "two-tower" and cfg["spec"] == "user_workloads:make" and cfg["seed"] == 2
+    assert cfg["workload"] == "two-tower" and cfg["spec"] == "user_workloads:make" and cfg["seeds"][0] == 2
     assert cfg["workload_summary"]["blocks"] == ["left.0", "right.0", "head"]  # by_module, the default
     assert cfg["workload_summary"]["parameters"] == sum(p.numel() for p in user_module.TwoTower().parameters())
     assert (out / "report.md").read_text().count("two-tower") >= 1
@@ -64,7 +64,7 @@ def test_user_factory_runs_through_every_study(study, user_module, tmp_path):
 
 def test_python_api_returns_results_and_writes_nothing(user_module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    results = studies.load("coadaptation").run(user_module.make, steps=4, lrs=[0.05], probes=2)
+    results = studies.load("coadaptation").run(user_module.make, steps=4, lrs=[0.05], probes=2, seeds=1)
     assert list(tmp_path.iterdir()) == []
     (run,) = results["runs"]
     assert run["lr"] == 0.05 and [p["step"] for p in run["probes"]] == [1, 4]
@@ -334,7 +334,8 @@ def test_bench_workloads_writes_ratios_spreads_threads_and_load(user_module, tmp
 
 def test_feature_drift_differentiates_twice_through_attention():
     """The study's own Hessian-vector products on the GPT need the math attention backend, as the probe's do."""
-    results = studies.load("feature-drift").run(load_workload("stdlib-gpt", size="tiny"), steps=1, lrs=[0.01])
+    results = studies.load("feature-drift").run(load_workload("stdlib-gpt", size="tiny"), steps=1, lrs=[1e-5],
+                                            seeds=1)
     rows = [r for r in results["rows"] if r["phase"] == "trained"]
     assert rows[0]["block"] == "wte" and rows[0]["feature_drift"] == 0.0  # token ids do not drift
     assert min(r["prediction_cosine"] for r in rows[1:]) > 0.9

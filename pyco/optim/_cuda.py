@@ -178,13 +178,14 @@ class PlannedTable:
         self.plan.drop_held()  # the launch is enqueued: the caching allocator orders any reuse after it
 
 
-def prepare(opt, work, index: dict[int, int], candidates) -> list[tuple[torch.device, _door.Prepared]]:
+def prepare(opt, work, index: dict[int, int], candidates, *, sharded: bool = False
+            ) -> list[tuple[torch.device, _door.Prepared]]:
     """Every device's table, checked (state still pending), before anything is uploaded or launched. The
     candidates go with a single device's table (a plan can take it over); several devices are prepared in
-    Python every step."""
+    Python every step. ``sharded``: DTensor parameters (see pyco.optim._door.prepare)."""
     parts = split_by_device(work)
     check_devices(opt, parts)
-    return [(device, _door.prepare(opt, part, index, candidates if len(parts) == 1 else []))
+    return [(device, _door.prepare(opt, part, index, candidates if len(parts) == 1 else [], sharded=sharded))
             for device, part in parts]
 
 
@@ -199,9 +200,10 @@ def launch_plan(opt, plan, device: torch.device, names: tuple[str, ...]) -> Bloc
     return launch_tables(opt, [(device, PlannedTable(plan))], names)
 
 
-def launch_tables(opt, tables, names: tuple[str, ...]) -> BlockStats | None:
+def launch_tables(opt, tables, names: tuple[str, ...], sharding=None) -> BlockStats | None:
     """One launch per device of ``tables`` ([(device, Prepared or PlannedTable)]); a Prepared's pending state
-    is committed just before the launches and rolled back if they raise."""
+    is committed just before the launches and rolled back if they raise. ``sharding`` (DTensor parameters,
+    pyco._dtensor.Sharding): the skip flags and the statistics are all-reduced over the mesh, on the device."""
     C = cuda_kernels()
     check_device_usable(C, tables)
     rule = opt._rule
@@ -240,6 +242,8 @@ def launch_tables(opt, tables, names: tuple[str, ...]) -> BlockStats | None:
                 first = prepared[0][0]
                 total = sum(f.to(first, non_blocking=True) for f in flags)
                 flags = [total if device == first else _on(total, device, keep) for device, *_ in prepared]
+        if sharding is not None:  # every rank skips, or none does (a copy: GradScaler's found_inf is its own)
+            flags = [None if f is None else sharding.any(f.clone()) for f in flags]
 
         values = None
         for (device, plan, table, stream), flag in zip(prepared, flags):
@@ -261,6 +265,8 @@ def launch_tables(opt, tables, names: tuple[str, ...]) -> BlockStats | None:
             door.rollback()
         raise
 
+    if sharding is not None and values is not None:
+        sharding.sum_(values)  # the sums over the local shards become the sums over the whole tensors
     skipped = False if flags[0] is None else flags[0] != 0
     opt.last_stats = None if values is None else BlockStats(names, values, skipped)
     return opt.last_stats

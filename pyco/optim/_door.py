@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from pyco import _dtensor
 from pyco import blocks as _blocks
 from pyco._ext import _C
 from pyco._kernels import STATE_FIELDS, STEP_FIELD, Table, has_internal_overlap
@@ -105,20 +106,47 @@ class Prepared:
         self._undo.clear()
 
 
-def prepare(opt, work, index: dict[int, int], candidates: list[torch.Tensor]) -> Prepared:
+def prepare(opt, work, index: dict[int, int], candidates: list[torch.Tensor], *, sharded: bool = False) -> Prepared:
     """Checks every tensor of ``work`` (from ``FusedOptimizer._collect``: gradients already checked) and
-    packs the table. Raises before anything changed; ``opt.state`` is not touched (new state is pending)."""
+    packs the table. Raises before anything changed; ``opt.state`` is not touched (new state is pending).
+
+    ``sharded``: the parameters are DTensors (their gradients in ``work`` are already local shards). Their
+    state tensors are DTensors placed like them (new ones too, as torch.optim makes them); the table holds
+    the local shards, each checked as any tensor is, and never becomes a plan."""
     prepared = Prepared(candidates)
     owner = type(opt).__name__
     table = prepared.table
     for gi, group, pairs in work:
         for pi, p, g in pairs:
             where = _blocks.describe_param(gi, pi, p)
-            check_written_param(owner, where, p)
-            states, step, flags, kept = opt._states(p, group, prepared.pending, where)
-            record = table.add(p, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
+            if sharded:
+                states, step, flags, kept = opt._states(p, group, prepared.pending, where)
+                local, states = _local_shards(owner, where, p, opt._slots(group), states)
+                check_written_param(owner, where, local)
+                record = table.add(local, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
+            else:
+                check_written_param(owner, where, p)
+                states, step, flags, kept = opt._states(p, group, prepared.pending, where)
+                record = table.add(p, g, states, step=step, group=gi, block=index[id(p)], flags=flags)
             prepared.kept[id(p)] = (record, kept)
+    if sharded:
+        table.cacheable = False
     return prepared
+
+
+def _local_shards(owner: str, where: str, p, names, states) -> tuple:
+    """The local shards of DTensor parameter ``p`` and of its state tensors (checked to be DTensors placed like
+    it, then as any state tensor against the parameter's shard)."""
+    local = p.to_local()
+    shards = []
+    for name, t in zip(names, states):
+        if t is None:
+            shards.append(None)
+            continue
+        shard = _dtensor.local_state(owner, where, name, p, t)
+        check_state_tensor_for_step(owner, where, name, local, shard)
+        shards.append(shard)
+    return local, (*shards, *states[len(shards):])
 
 
 def make_plan(opt, prepared: Prepared, groups: list[list]):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch.optim import Optimizer
 
+from pyco import _dtensor
 from pyco import blocks as _blocks
 from pyco._ext import has_cuda_kernels
 from pyco._kernels import SUPPORTED_DTYPES, grads_all_finite
@@ -67,10 +68,10 @@ class FusedOptimizer(Optimizer):
                 f"capturable=True needs pyco's CUDA kernels, which this build does not have; "
                 f"leave capturable=False (the CPU kernels never synchronize) or use torch.optim.{type(self).__name__}"
             )
+        self._results: dict = {"last_stats": None}  # what a step leaves (a dict: a compiled step writes into it)
         super().__init__(params, defaults)
         self.stats = bool(stats)
         self.nonfinite = nonfinite
-        self.last_stats: BlockStats | None = None
         self.skipped_steps = 0
         self._block_spec = None if blocks is None else _blocks.Blocks.of(blocks)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
@@ -86,12 +87,13 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        state["last_stats"] = self.last_stats
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for key, value in (("stats", True), ("nonfinite", "apply"), ("last_stats", None), ("skipped_steps", 0),
-                           ("_block_spec", None)):
+        self._results = {"last_stats": self.__dict__.pop("last_stats", None)}
+        for key, value in (("stats", True), ("nonfinite", "apply"), ("skipped_steps", 0), ("_block_spec", None)):
             self.__dict__.setdefault(key, value)
         self._block_names, self._block_index = _blocks.resolve(self.param_groups, self._block_spec)
         self._foreign_blocks = None
@@ -148,12 +150,26 @@ class FusedOptimizer(Optimizer):
     def block_names(self) -> tuple[str, ...]:
         return self._block_names
 
+    @property
+    def last_stats(self) -> BlockStats | None:
+        """The statistics of the last step (:class:`pyco.stats.BlockStats`), None before the first step and
+        with ``stats=False``."""
+        return self._results["last_stats"]
+
+    @last_stats.setter
+    def last_stats(self, value: BlockStats | None) -> None:
+        self._results["last_stats"] = value
+
     # ---- the step -----------------------------------------------------------------------------------
 
     def _collect(self, only: dict[int, list] | None = None):
         """Parameters with gradients, per group (every group, in order), after checking every gradient, and
         every parameter considered (``candidates``, with or without a gradient). ``only`` ({group index:
-        [(param index, param)]}) restricts the parameters looked at. Changes nothing."""
+        [(param index, param)]}) restricts the parameters looked at. Changes nothing.
+
+        DTensor parameters (FSDP2): ``sharding`` (pyco._dtensor.Sharding) says how they lie on their mesh,
+        and the work holds their gradients' local shards; None when no parameter is a DTensor."""
+        sharding = self._sharding()
         work, candidates = [], []
         for gi, group in enumerate(self.param_groups):
             triples = []
@@ -162,12 +178,29 @@ class FusedOptimizer(Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
-                        or g.layout != torch.strided or not ((p.is_cpu and g.is_cpu) or _on_one_cuda_device(p, g))):
+                q = p
+                if sharding is not None:  # check the global shapes, then the local shards the kernel reads
+                    if g.shape != p.shape or g.dtype != p.dtype:
+                        self._reject_grad(gi, pi, p, g)
+                    _dtensor.check_grad(type(self).__name__, _blocks.describe_param(gi, pi, p), p, g)
+                    q, g = p.to_local(), g.to_local()
+                if (g.is_sparse or g.dtype != q.dtype or q.dtype not in SUPPORTED_DTYPES or g.shape != q.shape
+                        or g.layout != torch.strided or not ((q.is_cpu and g.is_cpu) or _on_one_cuda_device(q, g))):
                     self._reject_grad(gi, pi, p, g)
                 triples.append((pi, p, g))
             work.append((gi, group, triples))
-        return work, candidates
+        return work, candidates, sharding
+
+    def _sharding(self):
+        """pyco._dtensor.Sharding of the parameters when they are DTensors, else None (checked every time: no
+        plan is kept for DTensor parameters)."""
+        cls = _dtensor.dtensor_type()
+        if cls is None or not any(isinstance(p, cls) for group in self.param_groups for p in group["params"]):
+            return None
+        return _dtensor.sharding_of(
+            type(self).__name__, [((gi, pi), p) for gi, group in enumerate(self.param_groups)
+                                  for pi, p in enumerate(group["params"])],
+            lambda where, p: _blocks.describe_param(where[0], where[1], p))
 
     def _reject_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
         self._check_param(gi, pi, p)
@@ -197,10 +230,16 @@ class FusedOptimizer(Optimizer):
         A step is all or nothing: every tensor is checked before anything is written, and a step that
         raises leaves parameters, gradients and state as they were. Steps of one optimizer from several
         threads are serialised (the closure included).
+
+        Under ``torch.compile`` the launch is the custom operator ``pyco::adam_step``/``pyco::sgd_step`` in the
+        graph (pyco.optim._compiled); DTensor (FSDP2) parameters are updated through their local shards
+        (pyco._dtensor).
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.step: closure must be callable (or None), "
                             f"got {type(closure).__name__}")
+        if torch.compiler.is_compiling():
+            return self._compiled_step(closure)
         with self._lock:
             loss = None
             if closure is not None:
@@ -208,6 +247,59 @@ class FusedOptimizer(Optimizer):
                     loss = closure()
             self._launch(("all",), lambda: (None, self._block_names, self._block_index))
             return loss
+
+    def _compiled_step(self, closure):
+        """``step`` as torch.compile traces it: the launch is the custom operator pyco::<rule>_step inside the
+        graph (pyco.optim._compiled). What it cannot express there (skipping on inf/NaN, GradScaler, CUDA and
+        DTensor parameters) runs the eager step outside the graph, at the cost of a graph break. Not
+        serialised by the optimizer's lock (a graph cannot take a Python lock)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._compilable():
+            _eager_launch(self)
+            return loss
+        from pyco.optim import _compiled
+        from pyco.optim._door import check_written_param
+
+        owner = type(self).__name__
+        names, index = self._block_names, self._block_index
+        for group in self.param_groups:
+            self._check_group(_compiled.without_tensors(group))
+        written, grads, layout, pending = [], [], [], {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if (g.is_sparse or g.dtype != p.dtype or p.dtype not in SUPPORTED_DTYPES or g.shape != p.shape
+                        or g.layout != torch.strided or not g.is_cpu):
+                    self._reject_grad(gi, pi, p, g)
+                where = _blocks.describe_param(gi, pi, p)
+                check_written_param(owner, where, p)
+                states, step, flags, _ = self._states(p, group, pending, where)
+                states = [t for t in states if t is not None]
+                written.append(p)
+                written.extend(states)
+                if step is not None:
+                    written.append(step)
+                grads.append(g)
+                layout.extend((gi, pi, index[id(p)], flags, len(states), int(step is not None)))
+        hypers, hyper_tensors, hyper_slots, group_flags = _compiled.hyper_args(self, self.param_groups)
+        values = _compiled.OPS[self._rule](written, grads, layout, hypers, hyper_tensors, hyper_slots, group_flags,
+                                           owner, len(self.param_groups), len(names), self.stats)
+        for p, new in pending.items():  # the step went ahead: its new state enters the optimizer's
+            self.state[p].update(new)
+        self._results["last_stats"] = BlockStats(names, values) if self.stats else None
+        return loss
+
+    def _compilable(self) -> bool:
+        """True when a traced step can be one custom operator call in the graph."""
+        if (self.nonfinite != "apply" or getattr(self, "grad_scale", None) is not None
+                or getattr(self, "found_inf", None) is not None):
+            return False
+        return all(type(p) in _PLAIN and p.is_cpu for group in self.param_groups for p in group["params"])
 
     @torch.no_grad()
     def step_blocks(self, blocks: _blocks.Blocks, active) -> BlockStats | None:
@@ -231,6 +323,8 @@ class FusedOptimizer(Optimizer):
             loss.backward()
             opt.step_blocks(blocks, ["3"])   # only module 3 moves
         """
+        if torch.compiler.is_compiling():
+            return _eager_step_blocks(self, blocks, active)
         with self._lock:
             active = tuple(active)
             if len(set(active)) != len(active):
@@ -298,36 +392,36 @@ class FusedOptimizer(Optimizer):
                 return _cuda.launch_plan(self, plan, device, names)
         self._plans.pop(key, None)
         only, names, index = resolve()
-        work, candidates = self._collect(only)
+        work, candidates, sharding = self._collect(only)
         if any(self._uses_cuda_kernels(p) for _, _, triples in work for _, p, _ in triples):
             if self.nonfinite == "skip-block":
                 raise ValueError(f"{type(self).__name__}: nonfinite='skip-block' is implemented for CPU parameters "
                                  "only; use nonfinite='skip' (the whole step) for CUDA parameters")
             from pyco.optim import _cuda  # one launch per device, no host synchronization
 
-            tables = _cuda.prepare(self, work, index, candidates)
+            tables = _cuda.prepare(self, work, index, candidates, sharded=sharding is not None)
             self._launches["prepared"] += 1
-            stats = _cuda.launch_tables(self, tables, names)
+            stats = _cuda.launch_tables(self, tables, names, sharding)
             if len(tables) == 1:
                 self._keep_plan(key, _door.make_plan(self, tables[0][1], groups), signature, blocks, tables[0][0],
                                 names)
             return stats
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) != 0.0:
+        if found_inf is not None and _any_rank(sharding, float(found_inf) != 0.0):
             self._skip("GradScaler found inf or NaN gradients", names)
             return self.last_stats
         threads = torch.get_num_threads()
         grads = [g for _, _, triples in work for _, _, g in triples]
-        if self.nonfinite == "skip" and not grads_all_finite(grads, threads):
+        if self.nonfinite == "skip" and _any_rank(sharding, not grads_all_finite(grads, threads)):
             self._skip("non-finite gradients, nonfinite='skip'", names)
             return self.last_stats
         skipped_blocks = ()
         if self.nonfinite == "skip-block":
-            work, skipped_blocks = _drop_nonfinite_blocks(work, names, index, threads)
+            work, skipped_blocks = _drop_nonfinite_blocks(work, names, index, threads, sharding)
             if skipped_blocks:
                 log.warning("%s: blocks %s skipped (non-finite gradients, nonfinite='skip-block'); their parameters "
                             "and state unchanged", type(self).__name__, list(skipped_blocks))
-        prepared = _door.prepare(self, work, index, candidates)
+        prepared = _door.prepare(self, work, index, candidates, sharded=sharding is not None)
         self._launches["prepared"] += 1
         hypers = [self._hyper(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
@@ -346,6 +440,8 @@ class FusedOptimizer(Optimizer):
             prepared.rollback()
             raise
         prepared.table.write_back(grads=grad_scale is not None and float(grad_scale) != 1.0)
+        if sharding is not None and values is not None:
+            sharding.sum_(values)  # the sums over the local shards become the sums over the whole tensors
         if not skipped_blocks:
             self._keep_plan(key, _door.make_plan(self, prepared, groups), signature, blocks, None, names)
         self.last_stats = None if values is None else BlockStats(names, values, skipped_blocks=skipped_blocks)
@@ -457,13 +553,23 @@ def _check_new_group(param_group, index: int) -> None:
     param_group["params"] = [p for i, p in enumerate(params) if seen.get(id(p)) == i]
 
 
-def _drop_nonfinite_blocks(work, names: tuple[str, ...], index: dict[int, int], threads: int):
-    """``work`` without the parameters of the blocks whose gradients hold an inf or NaN, and those blocks' names."""
+def _any_rank(sharding, flag: bool) -> bool:
+    """``flag``, or (DTensor parameters) whether it holds on any rank of their mesh: every rank decides alike."""
+    return flag if sharding is None else sharding.any_true(flag)
+
+
+def _drop_nonfinite_blocks(work, names: tuple[str, ...], index: dict[int, int], threads: int, sharding=None):
+    """``work`` without the parameters of the blocks whose gradients hold an inf or NaN (on any rank, for
+    DTensor parameters), and those blocks' names."""
     grads: dict[int, list] = {}
     for _, _, triples in work:
         for _, p, g in triples:
             grads.setdefault(index[id(p)], []).append(g)
     bad = {b for b, gs in grads.items() if not grads_all_finite(gs, threads)}
+    if sharding is not None:
+        flags = torch.zeros(len(names), dtype=torch.float64)
+        flags[sorted(bad)] = 1.0
+        bad = {int(b) for b in sharding.any(flags).nonzero().flatten().tolist()}
     if not bad:
         return work, ()
     kept = [(gi, group, [t for t in triples if index[id(t[1])] not in bad]) for gi, group, triples in work]
@@ -475,6 +581,22 @@ def _same_groups(snapshot: list[list], groups: list[dict]) -> bool:
     return len(snapshot) == len(groups) and all(
         len(saved) == len(group["params"]) and all(a is b for a, b in zip(saved, group["params"]))
         for saved, group in zip(snapshot, groups))
+
+
+@torch.compiler.disable
+def _eager_launch(opt: FusedOptimizer) -> None:
+    """The eager step's launch, called from a traced step that the graph cannot hold (a graph break)."""
+    with opt._lock:
+        opt._launch(("all",), lambda: (None, opt._block_names, opt._block_index))
+
+
+@torch.compiler.disable
+def _eager_step_blocks(opt: FusedOptimizer, blocks, active):
+    """step_blocks called from a traced function: the eager launch, outside the graph (a graph break)."""
+    return opt.step_blocks(blocks, active)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors a traced step hands to the operator (no DTensor)
 
 
 def _on_one_cuda_device(p: torch.Tensor, g: torch.Tensor) -> bool:

@@ -6,6 +6,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from pyco._ext import _C
+from pyco.optim import _compiled
 from pyco.optim._door import check_state_tensor_for_step, kept_state
 from pyco.optim._fused import FusedOptimizer, check_number, check_state_tensor
 
@@ -85,7 +86,24 @@ class Adam(FusedOptimizer):
                             decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
 
     _kernel = staticmethod(_C.adam_step)
-    _rule = "adam"  # pyco._C_cuda's adam_* functions
+    _rule = "adam"  # pyco._C_cuda's adam_* functions and the custom operator pyco::adam_step
+
+    # The compiled step's view of a group (pyco.optim._compiled): hyper-parameters, flags and state names
+    _HYPER_NAMES = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _HYPER_FLAGS = ("amsgrad", "maximize", "decoupled_weight_decay")
+    _STATE_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    @staticmethod
+    def _hyper_values(group: dict) -> tuple[tuple, tuple]:
+        beta1, beta2 = group["betas"]
+        return ((group["lr"], beta1, beta2, group["eps"], group["weight_decay"]),
+                (group["amsgrad"], group["maximize"], group["decoupled_weight_decay"]))
+
+    @staticmethod
+    def _group_from_values(values, flags) -> dict:
+        lr, beta1, beta2, eps, weight_decay = values
+        return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=bool(flags[0]),
+                    maximize=bool(flags[1]), decoupled_weight_decay=bool(flags[2]))
 
     @staticmethod
     def _slots(group: dict) -> tuple[str, ...]:
@@ -171,6 +189,7 @@ def _check_tensor_options(lr, betas, foreach, capturable) -> None:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {list(b.shape)}")
 
 
+_compiled.RULES[Adam._rule] = Adam  # AdamW too: its groups carry decoupled_weight_decay=True
 _SLOTS = ("exp_avg", "exp_avg_sq")
 _AMSGRAD_SLOTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -185,8 +204,9 @@ def _step_counter(step, p: torch.Tensor, where: str) -> torch.Tensor:
         if step.numel() != 1:
             raise RuntimeError(f"{where}: 'step' has {step.numel()} elements (shape {list(step.shape)}); "
                                "expected one number, the count of steps taken")
+        # (A traced step cannot ask for the negation bit; the operator refuses such a counter when it runs.)
         if (step.dtype in _STEP_DTYPES and step.device == device and step.layout == torch.strided
-                and not step.is_neg()):
+                and (torch.compiler.is_compiling() or not step.is_neg())):
             return step
         return step.detach().reshape(()).to(device=device, dtype=_get_scalar_dtype(is_fused=not p.is_cpu)).clone()
     if isinstance(step, (int, float)) and not isinstance(step, bool):

@@ -6,6 +6,7 @@ import torch
 
 from pyco._ext import _C
 from pyco._kernels import STEP_FIELD
+from pyco.optim import _compiled
 from pyco.optim._door import check_state_tensor_for_step, kept_state
 from pyco.optim._fused import FusedOptimizer, check_number, check_state_tensor
 
@@ -85,7 +86,23 @@ class SGD(FusedOptimizer):
                            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     _kernel = staticmethod(_C.sgd_step)
-    _rule = "sgd"  # pyco._C_cuda's sgd_* functions
+    _rule = "sgd"  # pyco._C_cuda's sgd_* functions and the custom operator pyco::sgd_step
+
+    # The compiled step's view of a group (pyco.optim._compiled): hyper-parameters, flags and state names
+    _HYPER_NAMES = ("lr", "momentum", "dampening", "weight_decay")
+    _HYPER_FLAGS = ("nesterov", "maximize")
+    _STATE_NAMES = ("momentum_buffer",)
+
+    @staticmethod
+    def _hyper_values(group: dict) -> tuple[tuple, tuple]:
+        return ((group["lr"], group["momentum"], group["dampening"], group["weight_decay"]),
+                (group["nesterov"], group["maximize"]))
+
+    @staticmethod
+    def _group_from_values(values, flags) -> dict:
+        lr, momentum, dampening, weight_decay = values
+        return dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=bool(flags[0]), maximize=bool(flags[1]))
 
     @staticmethod
     def _slots(group: dict) -> tuple[str, ...]:
@@ -141,3 +158,6 @@ class SGD(FusedOptimizer):
         buf = entry.get("momentum_buffer")
         if buf is not None:
             check_state_tensor(where, "momentum_buffer", p, buf)
+
+
+_compiled.RULES[SGD._rule] = SGD

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from pyco import _dtensor
 from pyco.orders._wrapper import Fingerprint, OrderWrapper, check_seed, evaluate, frozen
 from pyco.orders.gauss_seidel import check_generator_state
 from pyco.orders.schedules import BlockSchedule
@@ -161,7 +162,17 @@ class BlockCoordinate(OrderWrapper):
                     self.optimizer.state.pop(p, None)
 
     def _grad_norms(self) -> torch.Tensor:
-        """‖g_b‖ per block (float64), from the gradients the parameters hold."""
+        """‖g_b‖ per block (float64), from the gradients the parameters hold. DTensor gradients (FSDP2): from
+        the local shards' squared norms, summed over the mesh (one all-reduce), the same on every rank."""
+        sharding = _dtensor.sharding_of(type(self).__name__, [(None, p) for p in self.blocks.params()],
+                                        lambda _, p: self.blocks.describe(p))
+        if sharding is not None:
+            squares = torch.zeros(len(self.blocks), dtype=torch.float64)
+            for b in range(len(self.blocks)):
+                for p in self._block_params(b):
+                    if p.grad is not None:
+                        squares[b] += float(torch.linalg.vector_norm(p.grad.detach().to_local())) ** 2
+            return sharding.sum_(squares).sqrt()
         norms = torch.zeros(len(self.blocks), dtype=torch.float64)
         for b in range(len(self.blocks)):
             grads = [p.grad.detach() for p in self._block_params(b) if p.grad is not None]

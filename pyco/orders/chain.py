@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from pyco import _dtensor
 from pyco import blocks as _blocks
 from pyco.orders._replay import BufferReplay, RandomState
 from pyco.orders.gauss_seidel import GaussSeidel, Rollback, Sweep, combine_stats
@@ -66,6 +67,9 @@ class ChainGaussSeidel(GaussSeidel):
 
     def __init__(self, optimizer: Optimizer, model: nn.Sequential, loss_fn: Callable, blocks=None,
                  sweep: str | Sequence[str] = "backward", *, seed: int = 0, process_group=None):
+        _dtensor.refuse("ChainGaussSeidel", "its partial backward passes (torch.autograd.grad into one block) do "
+                        "not run FSDP2's gradient reduce-scatter; use pyco.GaussSeidel with a closure, which does",
+                        model.parameters() if isinstance(model, nn.Module) else ())
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("ChainGaussSeidel: got DistributedDataParallel, whose reducer cannot run the partial "
                             "backward passes of the sweep; pass the chain itself (ddp.module) and "

@@ -221,8 +221,8 @@ class Rollback:
         self.wrapper = wrapper
         self.grads = [(p, p.grad) for p in wrapper.blocks.params()]
         self.generator = wrapper._generator.get_state()
-        inner = wrapper.optimizer.__dict__
-        self.inner = {k: inner[k] for k in ("last_stats", "skipped_steps") if k in inner}
+        inner = wrapper.optimizer
+        self.inner = {k: getattr(inner, k) for k in ("last_stats", "skipped_steps") if hasattr(inner, k)}
         self.moved: list[tuple[torch.Tensor, torch.Tensor, dict | None]] = []
 
     @torch.no_grad()
@@ -255,7 +255,8 @@ class Rollback:
         for p, g in self.grads:
             p.grad = g
         self.wrapper._generator.set_state(self.generator)
-        self.wrapper.optimizer.__dict__.update(self.inner)
+        for key, value in self.inner.items():
+            setattr(self.wrapper.optimizer, key, value)
         self.wrapper._buffers.rollback()
         rng.restore()
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from pyco import _dtensor
 from pyco._ext import _C
 from pyco.blocks import Blocks
 from pyco.probe import _hvp
@@ -121,7 +122,13 @@ def check_options(mode, dtype, alone, max_batch, process_group) -> None:
 
 
 def check_params(blocks: Blocks) -> None:
-    """What the probe needs of every parameter before it is given a step: real floating point, requiring grad."""
+    """What the probe needs of every parameter before it is given a step: real floating point, requiring grad,
+    no DTensor (FSDP2)."""
+    _dtensor.refuse("pyco.probe", "its Hessian-vector products need a double backward through the model, which "
+                    "FSDP2 does not provide. Probe an unsharded copy (a plain model loaded with the full state dict, "
+                    "torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True) with "
+                    "process_group= for the global batch, or train under DistributedDataParallel, which the probe "
+                    "supports", blocks.params())
     for p in blocks.params():
         where = f"block {_block_of(blocks, p)!r} ({blocks.describe(p)})"
         if not p.is_floating_point():

@@ -55,6 +55,12 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
         report = pyco.probe.record(opt, closure, pyco.blocks.by_module(model))
         print(report.table())
     """
+    return _record(optimizer, closure, blocks, mode=mode, dtype=dtype, alone=alone, max_batch=max_batch,
+                   process_group=process_group)[0]
+
+
+def _record(optimizer, closure, blocks, *, mode, dtype, alone, max_batch, process_group):
+    """:func:`record`, returning (the report, what ``optimizer.step(closure)`` returned)."""
     check_options(mode, dtype, alone, max_batch, process_group)  # everything checked before the real step
     if not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))):
         raise TypeError(f"record: optimizer must be a torch.optim.Optimizer (or an order wrapping one), got "
@@ -69,7 +75,7 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
     before_rng = rng_state()
     before = [p.detach().clone() for p in params]
     with BufferLog() as buffers:
-        optimizer.step(closure)
+        returned = optimizer.step(closure)
     update = [p.detach() - b for p, b in zip(params, before)]
     after = _State.capture(params, buffers)
     try:
@@ -79,8 +85,9 @@ def record(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]
         buffers.restore()
         set_rng_state(before_rng)
         with bypassing_ddp(buffers.modules):
-            return cross_terms(CapturedLoss(closure), blocks, update, mode=mode, dtype=dtype, alone=alone,
-                               max_batch=max_batch, process_group=process_group)
+            report = cross_terms(CapturedLoss(closure), blocks, update, mode=mode, dtype=dtype, alone=alone,
+                                 max_batch=max_batch, process_group=process_group)
+            return report, returned
     finally:
         after.restore()
 

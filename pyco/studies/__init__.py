@@ -29,6 +29,8 @@ _MODULES = {
     "step-size": "pyco.studies.step_size",
     "feature-drift": "pyco.studies.feature_drift",
     "dosage": "pyco.studies.dosage",
+    "starvation": "pyco.studies.starvation",
+    "edge-of-stability": "pyco.studies.edge_of_stability",
 }
 
 

@@ -9,6 +9,7 @@ writes its tables, figures and report through ``out`` when given one, and return
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -118,6 +119,25 @@ def closure_for(workload: Workload, opt, batch, counter: list | None = None):
     return closure
 
 
+SMALL_MODEL = 100_000  # parameters: below this a CPU model runs on one intra-op thread (few_threads)
+
+
+@contextlib.contextmanager
+def few_threads(workload: Workload, limit: int = SMALL_MODEL):
+    """One intra-op thread while a small CPU model (fewer than ``limit`` parameters) runs inside, the previous
+    setting put back after: at that size more threads only add synchronisation, and on a shared machine a
+    descheduled thread stalls every operation."""
+    before = torch.get_num_threads()
+    small = workload.device.type == "cpu" and workload.parameters < limit and before > 1
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
+
+
 def train(workload: Workload, opt, batches, steps: int, *, show: bool = False, desc: str = "") -> list[float]:
     """``steps`` plain steps of ``opt`` on ``batches``; the batch losses."""
     losses = []
@@ -143,6 +163,12 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.files: list[str] = []
+        self.finished: dict[str, list] = {}
+
+    def keep(self, section: str, item) -> None:
+        """Keeps one finished configuration's results (``item``, JSON-ready) under ``section``: a run that is
+        interrupted or fails later still writes them to results.json, marked partial."""
+        self.finished.setdefault(section, []).append(item)
 
     def file(self, name: str) -> Path:
         self.files.append(name)

@@ -13,6 +13,7 @@ _BUILTIN = {
     "mnist1d-mlp": ("pyco.studies.workloads.mnist1d", "make_mlp", "describe_mlp"),
     "mnist1d-cnn": ("pyco.studies.workloads.mnist1d", "make_cnn", "describe_cnn"),
     "stdlib-gpt": ("pyco.studies.workloads.stdlib_gpt", "make", "describe"),
+    "two-moons": ("pyco.studies.workloads.two_moons", "make", "describe"),
 }
 DEFAULT = "digits-mlp"
 

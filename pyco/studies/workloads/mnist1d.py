@@ -92,7 +92,7 @@ def make_mlp(seed: int, *, size: str = "cpu", depth: int | None = None, width: i
 def describe_mlp(depth: int = MLP_SIZES["cpu"]["depth"], width: int = MLP_SIZES["cpu"]["width"],
                  variant: str = "plain", activation: str = "relu", measured: bool = True) -> str:
     n = sum(p.numel() for p in mlp(LENGTH, width, depth, CLASSES, variant=variant).parameters())
-    kind = f"{activation.upper() if activation in ('relu', 'gelu') else activation} MLP"
+    kind = f"{ {'relu': 'ReLU', 'gelu': 'GELU'}.get(activation, activation)} MLP"
     line = (f"{human(n)} params; {depth}x{width} {kind}{'' if variant == 'plain' else f' ({variant})'} on MNIST-1D "
             f"(4,000 train / 1,000 test)")
     return f"{line}; {MLP_TRAINS_TO}" if measured else line

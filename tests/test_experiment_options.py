@@ -1,0 +1,108 @@
+"""The options every study shares: --seeds, --quick and --full on the command line and in Python."""
+
+import pytest
+
+from pyco import cli
+from pyco.studies import _common
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "step-size", "--quick", "--full"], "not allowed with argument"),
+    (["study", "step-size", "--seeds", "0"], "--seeds must be >= 1"),
+    (["study", "step-size", "--seeds", "two"], "invalid int value"),
+])
+def test_bad_experiment_options_are_one_line(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_seed_lists_and_sizes():
+    assert _common.seed_list(7, None, False) == [7, 8, 9]
+    assert _common.seed_list(0, None, True) == [0, 1, 2, 3, 4]
+    assert _common.seed_list(2, 1, True) == [2]
+    with pytest.raises(ValueError, match="seeds must be an int >= 1"):
+        _common.seed_list(0, 0, False)
+    assert _common.size(False, False) == "quick" and _common.size(False, True) == "full"
+    with pytest.raises(ValueError, match="exclusive"):
+        _common.size(True, True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "gpu"], "--device expects cpu or cuda"),
+    (["--device", "tpu:0"], "--device expects cpu or cuda"),
+])
+def test_bad_device_is_one_line_and_no_run_directory(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["study", "step-size", *argv, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_naming_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        cli.main(["study", "step-size", "--out", str(tmp_path / "f")])
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"
+
+
+def fake_study(monkeypatch, behaviour):
+    import json  # noqa: F401
+    import types
+
+    from pyco import studies
+
+    def run(factory, out=None, **options):
+        for i in range(2):
+            out.keep("configurations", {"i": i, "loss": 1.0 / (i + 1)})  # finished before the fault
+        behaviour()
+
+    fake = types.SimpleNamespace(NAME="step-size", QUESTION="?", run=run)
+    monkeypatch.setattr(studies, "load", lambda name: fake)
+
+
+@pytest.mark.parametrize("fault, code", [(KeyboardInterrupt, 130), (RuntimeError, None)])
+def test_a_fault_keeps_every_finished_configuration_and_never_replaces_a_complete_run(fault, code, monkeypatch,
+                                                                                      tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    out.mkdir()
+    complete = {"study": "step-size", "partial": False, "summary": {}}
+    (out / "results.json").write_text(json.dumps(complete))
+    with pytest.raises(SystemExit):  # a complete run is kept: a new --out, or --force
+        cli.main(["study", "step-size", "--out", str(out), "--no-progress"])
+    assert "holds a complete run" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == complete
+
+    def behaviour():
+        raise fault("fault")
+
+    fake_study(monkeypatch, behaviour)
+    argv = ["study", "step-size", "--out", str(out), "--no-progress", "--force"]
+    if code is None:
+        with pytest.raises(fault):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == code
+    results = json.loads((out / "results.json").read_text())
+    assert results["partial"] is True
+    assert results["finished"]["configurations"] == [{"i": 0, "loss": 1.0}, {"i": 1, "loss": 0.5}]
+    # the partial run may be resumed into without --force: only a complete run is protected
+    fake_study(monkeypatch, lambda: None)
+    monkeypatch.setattr("pyco.studies.load", lambda name: __import__("types").SimpleNamespace(
+        NAME="step-size", QUESTION="?", run=lambda factory, out=None, **o: {"study": "step-size"}))
+    assert cli.main(["study", "step-size", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["partial"] is False
+
+
+def test_a_study_refusing_the_workload_is_one_line_and_leaves_no_directory(capsys, tmp_path):
+    pytest.importorskip("scipy")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["study", "edge-of-stability", "--workload", "stdlib-gpt", "--size", "tiny",
+                  "--out", str(tmp_path / "run"), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "study edge-of-stability:" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
