@@ -47,14 +47,41 @@ def _add_common_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _study_help(name: str) -> str | None:
+    """The epilog of `pyco study NAME --help`: the study's question, what it does, and its own defaults."""
+    from pyco import studies
+
+    try:
+        module = studies.load(name)
+    except (ValueError, ImportError):
+        return None
+    doc = (module.__doc__ or "").strip().split("\n\n")
+    lines = [module.QUESTION, "", *doc[:2], ""]
+    options = getattr(module, "OPTIONS", {})
+    if options:
+        lines.append(f"{name}'s own defaults (set them from Python: pyco.studies.load({name!r}).run(..., key=value)):")
+        lines += [f"  {k} = {v!r}" for k, v in options.items()]
+    for label in ("QUICK", "FULL"):
+        sizes = getattr(module, label, None)
+        if sizes:
+            lines.append(f"--{label.lower()} sets: " + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))
+    workload = getattr(module, "DEFAULT_WORKLOAD", None)
+    if workload:
+        lines.append(f"default workload: {workload}")
+    return "\n".join(lines)
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
     from pyco import __version__
 
     parser = _Parser(prog="pyco", description="Exact, measurable update orders for neural networks.")
     parser.add_argument("--version", action="version", version=f"pyco {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{study,bench,plot,info}", parser_class=_Parser)
 
-    study = sub.add_parser("study", help="run a study: pyco study NAME, or pyco study --list")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    epilog = _study_help(argv[1]) if len(argv) > 1 and argv[0] == "study" and not argv[1].startswith("-") else None
+    study = sub.add_parser("study", help="run a study: pyco study NAME, or pyco study --list", epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     study.add_argument("name", nargs="?", help="the study to run (see --list)")
     study.add_argument("--list", action="store_true", help="list the studies and the built-in workloads")
     _add_common_study_arguments(study)
@@ -158,7 +185,7 @@ def _study(args, parser) -> int:
     except ImportError as exc:
         parser.error(f"{exc}")
     from pyco.studies import WorkloadError, load_workload, workloads
-    from pyco.studies._common import RunDir
+    from pyco.studies._common import RunDir, StudyOptionError
 
     # The workload is loaded and built once before anything is written: a bad SPEC, a factory that returns
     # something else or a loss that is not a scalar is one line, and no run directory.
@@ -180,7 +207,7 @@ def _study(args, parser) -> int:
         results["partial"] = False
     except KeyboardInterrupt:
         results["interrupted"] = True
-    except WorkloadError as exc:  # the study refused the workload before measuring anything: one line
+    except (WorkloadError, StudyOptionError) as exc:  # refused before measuring anything: one line
         if not out.files and not out.finished:
             if created:
                 path.rmdir()
@@ -248,7 +275,7 @@ def _info() -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         if args.command == "study":

@@ -106,3 +106,58 @@ def test_a_study_refusing_the_workload_is_one_line_and_leaves_no_directory(capsy
     err = capsys.readouterr().err
     assert "study edge-of-stability:" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_a_real_study_keeps_the_seeds_it_finished(monkeypatch, tmp_path):
+    import json
+
+    from pyco.studies import step_size
+
+    real, calls = step_size.workload_cases, []
+
+    def cases(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step_size, "workload_cases", cases)
+    out = tmp_path / "run"
+    assert cli.main(["study", "step-size", "--out", str(out), "--no-progress", "--steps", "5"]) == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["partial"] is True and results["interrupted"] is True
+    kept = results["finished"]["cases"]
+    assert {c["seed"] for c in kept} == {0} and len(kept) == 2  # seed 0's batch and worst-fit cases
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    items = [1, 2, 3]
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe or a log file
+    assert _common.progress(items, desc="x") is items
+    assert _common.progress(items, desc="x", enabled=False) is items
+
+
+@pytest.mark.parametrize("study", ["step-size", "dosage", "starvation", "feature-drift"])
+def test_a_study_that_uses_one_lr_refuses_several(study, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["study", study, "--lr", "0.1", "0.2", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert exc.value.code == 2 and "give one --lr, got 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_study_has_its_own_help(capsys):
+    from pyco import studies
+
+    texts = {}
+    for name in studies.names():
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["study", name, "--help"])
+        assert exc.value.code == 0
+        texts[name] = capsys.readouterr().out
+        module = studies.load(name)
+        assert module.QUESTION in texts[name]
+        for key in getattr(module, "OPTIONS", {}):
+            assert f"  {key} = " in texts[name]
+    assert len(set(texts.values())) == len(texts)  # no two studies share a help text

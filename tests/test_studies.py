@@ -136,8 +136,8 @@ def test_coadaptation(tmp_path):
             assert sum(p["alone"]) + p["nonadditivity"] == pytest.approx(p["actual"], rel=1e-9, abs=1e-12)
             c = p["C"]
             assert all(c[i][j] == pytest.approx(c[j][i], rel=1e-8, abs=1e-15) for i in range(3) for j in range(3))
-    # small steps: the second-order model explains the change (in the median over the recorded steps: a ReLU
-    # unit of this 8-wide net that crosses its kink within a step leaves a remainder of its own)
+    # small steps: the second-order model explains the change, in the median over the recorded steps (single
+    # steps need not: with seeds 3-5 one recorded step had |R| = 7% of ΔL)
     small = r["rows"][0]
     assert small["lr"] == 0.01 and small["in_regime"] and small["median_remainder_over_actual"] <= 0.05
 

@@ -55,6 +55,17 @@ def check_common(steps, lrs, seed) -> list[float] | None:
     return [float(lr) for lr in lrs]
 
 
+class StudyOptionError(ValueError):
+    """An option a study cannot honour (rather than silently ignore): the message says what it takes."""
+
+
+def one_lr(study: str, lrs: list[float] | None, what: str = "trains at one learning rate") -> list[float] | None:
+    """``lrs`` when it holds at most one learning rate; a study that uses one refuses several."""
+    if lrs is not None and len(lrs) != 1:
+        raise StudyOptionError(f"study {study!r} {what}: give one --lr, got {len(lrs)} ({', '.join(map(str, lrs))})")
+    return lrs
+
+
 def size(quick: bool, full: bool) -> str:
     """The study's configuration: ``"full"`` (``--full``) or ``"quick"`` (``--quick``, the default)."""
     if quick and full:
@@ -98,6 +109,13 @@ def results(study: str, question: str, cfg: dict, summary, **extra) -> dict:
     and the study's own tables in ``extra``."""
     return {"study": study, "question": question, "config": cfg,
             "summary": summary.to_dict() if hasattr(summary, "to_dict") else dict(summary), "partial": False, **extra}
+
+
+def keep(out, section: str, item) -> None:
+    """Keeps one finished configuration in ``out`` (a :class:`RunDir`; nothing without one), so that a run
+    interrupted or failing later still reports it (see :meth:`RunDir.keep`)."""
+    if isinstance(out, RunDir):
+        out.keep(section, item)
 
 
 def run_dir(out) -> "RunDir | None":
@@ -230,8 +248,11 @@ def pyplot():
 
 
 def progress(iterable: Iterable, *, desc: str, total: int | None = None, enabled: bool = True):
-    """tqdm progress bar on stderr (off when ``enabled`` is False or tqdm is missing)."""
-    if not enabled:
+    """tqdm progress bar on stderr (off when ``enabled`` is False, stderr is not a terminal, or tqdm is
+    missing: a log file or a pipe gets no bars)."""
+    import sys
+
+    if not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         return iterable
     try:
         from tqdm.auto import tqdm

@@ -45,7 +45,7 @@ import torch
 import pyco
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, closure_for, config, factory_of, fmt, options as study_options,
-                                  progress, pyplot, results as study_results, run_dir, seed_list, size)
+                                  progress, pyplot, results as study_results, run_dir, seed_list, size, keep)
 from pyco.studies.intervals import Summary, bootstrap, from_dict, t_interval
 from pyco.studies.workload import OPTIMIZERS, WorkloadError, load as load_workload
 from pyco.studies.workloads import DEFAULT
@@ -90,6 +90,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
                 workload = first if not runs else factory(s)
                 runs.append(train_and_probe(workload, opt_name, lr, steps, probes, opts["alone"], show_progress,
                                             seed=s, trained_drop=opts["trained_drop"]))
+                keep(out, "runs", runs[-1])
     summary, rows = summarize(runs, net, opts["regime"])
     cfg = config(factory, first, network=net, steps=steps, seeds=seed_values, optimizers=list(optimizers),
                  lrs={o: g for o, g in grids.items()}, probes=probes, alone=opts["alone"], regime=opts["regime"],

@@ -33,7 +33,7 @@ from pyco.blocks import Blocks
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, config, factory_of, few_threads, metrics_text,
                                   options as study_options, progress, pyplot, results as study_results, run_dir,
-                                  seed_list, size)
+                                  seed_list, size, keep, one_lr)
 from pyco.studies.intervals import Summary, paired, t_interval
 from pyco.studies.workloads import DEFAULT
 
@@ -220,12 +220,13 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     first = factory(seed_ids[0])
     budget = first.recipe.steps
     steps = steps or (budget if configuration == "full" else max(1, budget // 4))
-    lr = lrs[0] if lrs else first.recipe.lr
+    lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr
     runs, starvation = [], []
     for s in seed_ids:
         workload = first if s == seed_ids[0] else factory(s)
         with few_threads(workload):
             runs.append({"seed": s, **workload_dosage(workload, steps, lr, show_progress)})
+        keep(out, "runs", runs[-1])
         two_branch = SimpleNamespace(device=workload.device, parameters=TwoBranch(opts["starvation_width"]).numel())
         with few_threads(two_branch):
             for lam in (0.0, opts["sd_lambda"]):

@@ -48,7 +48,7 @@ from torch import nn
 
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, config, factory_of, options as study_options, progress,
-                                  pyplot, results as study_results, run_dir, seed_list, size)
+                                  pyplot, results as study_results, run_dir, seed_list, size, keep)
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import WorkloadError, WorkloadFactory, load as load_workload
 from pyco.studies.workloads import DEFAULT
@@ -105,6 +105,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
             if s not in models:
                 models[s] = initial_model(first if s == seed_ids[0] else factory(s), opts["init"], s)
             runs.append({"seed": s, "lr": lr, **descend(copy.deepcopy(models[s]), x, y, lr, steps, opts["every"], s)})
+            keep(out, "runs", runs[-1])
     summary = summarize(runs, lrs, seed_ids, steps)
     cfg = config(factory, first, seed=seed, seeds=seed_ids, steps=steps, lrs=lrs, examples=int(x.shape[0]),
                  classes=int(runs[0]["classes"]), every=opts["every"], activation=opts["activation"],

@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pyco.probe._evaluation import rng_state, set_rng_state
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, closure_for, config, factory_of, fmt, options as study_options,
-                                  progress, pyplot, results as study_results, run_dir, seed_list, size)
+                                  progress, pyplot, results as study_results, run_dir, seed_list, size, keep, one_lr)
 from pyco.studies.coadaptation import network, takes, training_check
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import cast_batch, load as load_workload
@@ -63,9 +63,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     budget) at one learning rate (``lrs[0]`` or the recipe's), measuring ``probes`` steps per phase."""
     factory = factory_of(workload_factory)
     lrs = check_common(steps, lrs, seed)
-    if lrs is not None and len(lrs) != 1:
-        raise ValueError(f"feature-drift trains every network at one learning rate, the same for batch norm and "
-                         f"plain: give one, got {lrs}")
+    lrs = one_lr(NAME, lrs, "trains every network at one learning rate, the same for batch norm and plain")
     mode = size(quick, full)
     opts = study_options(NAME, options, OPTIONS)
     seed_values = seed_list(seed, seeds, full)
@@ -82,6 +80,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
             runs.append({"network": label, "variant": variant, "depth": depth, "seed": s,
                          **train_and_measure(workload, lr, steps, recorded, show_progress, opts["trained_drop"],
                                              desc=f"feature-drift: {label} seed {s}")})
+            keep(out, "runs", runs[-1])
     summary = summarize(runs, nets)
     cfg = config(factory, first, networks=[n[0] for n in nets], steps=steps, lr=lr, seeds=seed_values, probes=probes,
                  window=opts["window"],

@@ -45,7 +45,7 @@ from pyco.orders._wrapper import frozen
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, closure_for, config, factory_of, few_threads,
                                   options as study_options, progress, pyplot, results as study_results, run_dir,
-                                  seed_list, size)
+                                  seed_list, size, keep)
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import WorkloadError, cast_batch, load as load_workload
 from pyco.studies.workloads import DEFAULT
@@ -106,6 +106,7 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
         run_ = train(order, factory(s), s, lr, budget, marks, meters[s])
         curves += run_["curve"]
         runs.append(run_["final"])
+        keep(out, "runs", run_["final"])
     load["after training"] = os.getloadavg()
     wall = wall_times(factory, seed_ids[0], orders, equal_lr, opts["wall_repeats"], opts["wall_steps"], meters)
     chain = chain_cost(factory, seed_ids, opts["wall_repeats"], opts["wall_steps"]) if first.is_chain else None

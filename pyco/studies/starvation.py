@@ -51,7 +51,7 @@ from torch import nn
 
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, config, factory_of, few_threads, options as study_options,
-                                  progress, pyplot, results as study_results, run_dir, seed_list, size)
+                                  progress, pyplot, results as study_results, run_dir, seed_list, size, keep, one_lr)
 from pyco.studies.intervals import Summary
 from pyco.studies.workload import WorkloadError
 
@@ -83,7 +83,7 @@ def run(workload_factory=DEFAULT_WORKLOAD, *, steps: int | None = None, lrs=None
     seed_ids = seed_list(seed, FULL_SEEDS if full and seeds is None else seeds, full)
     first = factory(seed_ids[0])
     steps = steps or first.recipe.steps * (FULL_STEPS if configuration == "full" else 1)
-    lr = lrs[0] if lrs else first.recipe.lr
+    lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr
     x, y = margin_points(first, opts["margin_points"])
     planar = x.dim() == 2 and x.shape[1] == 2
     method = opts["margin_method"] if opts["margin_method"] != "auto" else ("grid" if planar else "deepfool")
@@ -103,6 +103,7 @@ def run(workload_factory=DEFAULT_WORKLOAD, *, steps: int | None = None, lrs=None
                 if planar and s == seed_ids[0]:
                     maps[m] = boundary_map(workload.model, *pts, opts)
             runs.append(row)
+            keep(out, "runs", row)
 
     summary = summarise(runs, seed_ids, planar)
     cfg = config(factory, first, seeds=seed_ids, seed=seed, steps=steps, lr=lr, configuration=configuration,

@@ -27,7 +27,7 @@ import pyco
 from pyco.blocks import Blocks
 from pyco.studies import claims, tables
 from pyco.studies._common import (RunDir, check_common, config, factory_of, fmt, options as study_options, pyplot,
-                                  results as study_results, run_dir, seed_list, size, train)
+                                  results as study_results, run_dir, seed_list, size, train, keep, one_lr)
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import cast_batch, map_tensors
 from pyco.studies.workloads import DEFAULT
@@ -51,7 +51,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     seed_values = seed_list(seed, seeds, full)
     first = factory(seed)
     steps = steps or (first.recipe.steps if full else max(1, first.recipe.steps // 4))
-    lr = lrs[0] if lrs else first.recipe.lr
+    lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr
     toys = toy_cases(etas)
     per_seed = []
     for s in seed_values:
@@ -59,6 +59,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
         for case in workload_cases(workload, steps, lr, etas, show_progress):
             case["seed"] = s
             per_seed.append(case)
+            keep(out, "cases", case)
     summary = summarize(per_seed)
     cfg = config(factory, first, steps=steps, seeds=seed_values, lr=lr, grid=list(opts["grid"]), size=mode)
     results = study_results(NAME, QUESTION, cfg, summary, toy_cases=toys, cases=per_seed)
