@@ -64,3 +64,20 @@ def report(result: dict, table: str, out: str | None) -> int:
             json.dump(result, f, indent=2)
         print(f"\nwrote {out}")
     return 0
+
+
+def time_round(steps: dict, times: dict, device) -> None:
+    """One interleaved round: each subject of ``steps`` (name -> zero-argument callable) once, its wall time
+    appended to ``times[name]``, the device synchronised before and after each."""
+    import time
+
+    import torch
+
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[name].append(time.perf_counter() - t0)

@@ -25,13 +25,12 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 import pyco
-from bench_common import machine, parse, report
+from bench_common import time_round, machine, parse, report
 
 TARGET_FROM_K = 8
 TARGETS = {"chain_vs_naive": 0.6, "top_vs_simultaneous": 0.6}
@@ -43,11 +42,6 @@ def chain(k: int, width: int, device, seed: int = 0) -> nn.Sequential:
     for _ in range(k):
         layers += [nn.Linear(width, width), nn.Tanh()]
     return nn.Sequential(*layers[:-1]).to(device)  # no tanh after the top layer
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def inner_optimizer(name: str, params):
@@ -110,12 +104,7 @@ def time_k(k: int, args, device) -> dict:
         step()
         step()
     for _ in range(args.repeats):
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+        time_round(steps, times, device)
     rows = {name: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3}
             for name, ts in times.items()}
     med = {name: row["median_ms"] for name, row in rows.items()}

@@ -42,18 +42,13 @@ import time
 import torch
 
 import pyco
-from bench_common import machine, parse, report
+from bench_common import time_round, machine, parse, report
 from pyco.studies import load_workload, workloads
 from pyco.studies.intervals import t_interval
 from pyco.studies.workload import map_tensors
 
 SUBJECTS = ("simultaneous", "gauss-seidel", "gauss-seidel chain", "block-coord top", "block-coord bottom",
             "probe full C", "probe rows", "record", "monitor")
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def closure_for(workload, model, opt, batch):
@@ -122,12 +117,7 @@ def time_workload(spec: str, args, device) -> dict:
     loads = []
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+        time_round(steps, times, device)
     base = times["simultaneous"]
     rows = {}
     for name, ts in times.items():

@@ -26,21 +26,24 @@ STEPS = 3
 RTOL = ATOL = 1e-12
 
 
-def spawn(check: str, world: int) -> None:
-    """Runs ``CHECKS[check]`` on ``world`` processes joined by the gloo backend over a free loopback port."""
+def spawn(check: str, world: int, module: str = __name__, hang_seconds: int = 120) -> None:
+    """Runs ``CHECKS[check]`` of ``module`` (this one, or another module of checks) on ``world`` processes
+    joined by the gloo backend over a free loopback port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_main, args=(world, port, check), nprocs=world, join=True)
+    mp.spawn(_main, args=(world, port, check, module, hang_seconds), nprocs=world, join=True)
 
 
-def _main(rank: int, world: int, port: int, check: str) -> None:
-    faulthandler.dump_traceback_later(120, exit=True)  # a rank that hangs prints where, and ends the test
+def _main(rank: int, world: int, port: int, check: str, module: str, hang_seconds: int) -> None:
+    import importlib
+
+    faulthandler.dump_traceback_later(hang_seconds, exit=True)  # a rank that hangs prints where, and ends the test
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        CHECKS[check](rank, world)
+        importlib.import_module(module).CHECKS[check](rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -8,13 +8,9 @@ and FSDP2 averages the gradients, so the sharded step is the single-process step
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import _distributed
 from _distributed import batches, close
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -26,22 +22,8 @@ STEPS = 4
 
 
 def spawn(check: str, world: int) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_main, args=(world, port, check), nprocs=world, join=True)
-
-
-def _main(rank: int, world: int, port: int, check: str) -> None:
-    faulthandler.dump_traceback_later(150, exit=True)  # a rank that hangs prints where, and ends the test
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        CHECKS[check](rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    """Runs ``CHECKS[check]`` of this module on ``world`` gloo processes (the launcher of tests/_distributed.py)."""
+    _distributed.spawn(check, world, module=__name__, hang_seconds=150)
 
 
 def mlp() -> nn.Sequential:

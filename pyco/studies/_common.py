@@ -81,6 +81,20 @@ def seed_list(seed: int, seeds: int | None, full: bool) -> list[int]:
     return [seed + i for i in range(n)]
 
 
+def begin(study: str, workload_factory, steps, lrs, seed, seeds, quick: bool, full: bool, given: Mapping,
+          defaults: Mapping, full_defaults: Mapping | None = None):
+    """What every study's ``run`` starts with: (factory, checked lrs, "quick" or "full", its options with the
+    full configuration's defaults applied where not given, the seeds, the first seed's workload)."""
+    factory = factory_of(workload_factory)
+    lrs = check_common(steps, lrs, seed)
+    configuration = size(quick, full)
+    opts = options(study, given, defaults)
+    if configuration == "full" and full_defaults:
+        opts.update({k: v for k, v in full_defaults.items() if given.get(k) is None})
+    seed_ids = seed_list(seed, seeds, full)
+    return factory, lrs, configuration, opts, seed_ids, factory(seed_ids[0])
+
+
 def provenance() -> dict:
     """How a result was made: the command line, the date (UTC), the versions and the build."""
     import datetime

@@ -31,9 +31,8 @@ from torch import nn
 import pyco
 from pyco.blocks import Blocks
 from pyco.studies import claims, tables
-from pyco.studies._common import (RunDir, check_common, config, factory_of, few_threads, metrics_text,
-                                  options as study_options, progress, pyplot, results as study_results, run_dir,
-                                  seed_list, size, keep, one_lr)
+from pyco.studies._common import (RunDir, config, few_threads, metrics_text, progress, pyplot,
+                                  results as study_results, run_dir, keep, one_lr, begin)
 from pyco.studies.intervals import Summary, paired, t_interval
 from pyco.studies.workloads import DEFAULT
 
@@ -210,14 +209,8 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     """Part 1 on ``workload_factory(s)`` for each seed s (``steps``: default a quarter of the recipe's budget,
     the whole budget with ``full``; ``lrs[0]``, if given, replaces the recipe's lr), part 2 on its synthetic
     two-feature task (``starvation_steps``: 200, 600 with ``full``; ``starvation_width``; ``sd_lambda``)."""
-    factory = factory_of(workload_factory)
-    lrs = check_common(steps, lrs, seed)
-    configuration = size(quick, full)
-    opts = study_options(NAME, options, OPTIONS)
-    if configuration == "full":
-        opts.update({k: v for k, v in FULL.items() if options.get(k) is None})
-    seed_ids = seed_list(seed, seeds, full)
-    first = factory(seed_ids[0])
+    factory, lrs, configuration, opts, seed_ids, first = begin(NAME, workload_factory, steps, lrs, seed, seeds, quick,
+                                                               full, options, OPTIONS, FULL)
     budget = first.recipe.steps
     steps = steps or (budget if configuration == "full" else max(1, budget // 4))
     lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr

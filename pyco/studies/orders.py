@@ -43,9 +43,8 @@ from torch import nn
 import pyco
 from pyco.orders._wrapper import frozen
 from pyco.studies import claims, tables
-from pyco.studies._common import (RunDir, check_common, closure_for, config, factory_of, few_threads,
-                                  options as study_options, progress, pyplot, results as study_results, run_dir,
-                                  seed_list, size, keep)
+from pyco.studies._common import (RunDir, closure_for, config, few_threads, progress, pyplot,
+                                  results as study_results, run_dir, keep, begin)
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import WorkloadError, cast_batch, load as load_workload
 from pyco.studies.workloads import DEFAULT
@@ -73,14 +72,8 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     the recipe's lr times ``lr_factors``); their wall time per step; then the Gauss–Seidel gap at
     ``gap_points`` points of a simultaneous run, for plain gradient steps of ``gap_lrs``, on the ReLU and
     GELU versions of the workload (``activation=``; a factory that takes no ``activation`` runs as given)."""
-    factory = factory_of(workload_factory)
-    lrs = check_common(steps, lrs, seed)
-    configuration = size(quick, full)
-    opts = study_options(NAME, options, OPTIONS)
-    if configuration == "full":
-        opts.update({k: v for k, v in FULL.items() if options.get(k) is None})
-    seed_ids = seed_list(seed, seeds, full)
-    first = factory(seed_ids[0])
+    factory, lrs, configuration, opts, seed_ids, first = begin(NAME, workload_factory, steps, lrs, seed, seeds, quick,
+                                                               full, options, OPTIONS, FULL)
     with few_threads(first):
         return _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_progress)
 
