@@ -126,3 +126,27 @@ def test_full_grows_the_network_where_the_factory_takes_width_and_depth():
     plain = load_workload(lambda seed: TINY(seed))  # takes neither: as given
     kept, _, shape = co.full_shape(plain, plain(0), 0, runs=1, steps=2, probes=1)
     assert kept is plain and shape["grown_to"] == {}
+
+
+def test_the_quick_configuration_is_trimmed_to_its_time_budget(monkeypatch):
+    from pyco.studies import coadaptation, load_workload
+
+    workload = load_workload("digits-mlp", size="tiny")(0)
+    recipe = workload.recipe
+    grids = {"sgd": [0.01, 0.05], "adam": [0.001, 0.003]}
+    k, steps0 = len(workload.blocks), recipe.steps
+    between = 60 / (9 * (steps0 + 5 * 3.5 * k))  # 12 runs project over 60 s, the 6 of one optimizer under
+    for per_step, expect in [(1e-6, []), (between, ["only the recipe's optimizer"]),
+                             (1.0, ["only the recipe's optimizer", "only the recipe's learning rate",
+                                    "no block-alone losses", "3 recorded steps per run", "training steps"])]:
+        monkeypatch.setattr(coadaptation, "step_seconds", lambda w, n, clock=None, v=per_step: v)
+        opts, g, probes, alone, steps, shape = coadaptation.fit_quick(workload, 3, ("sgd", "adam"), grids, 5, True,
+                                                                      budget_s=60)
+        note = shape["note"] or ""
+        for what in expect:
+            assert what in note
+        if not expect:
+            assert note == "" and opts == ("sgd", "adam") and steps is None
+        if len(expect) == 5:  # everything trimmed; the steps never below half the recipe's budget
+            assert opts == (recipe.optimizer,) and g == {recipe.optimizer: [recipe.lr]} and not alone and probes == 3
+            assert steps == max(recipe.steps // 2, 1)

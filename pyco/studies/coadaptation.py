@@ -57,6 +57,7 @@ OPTIONS = dict(probes=None, lr_factors=(0.3, 1.0, 3.0), optimizers=None, alone=T
 PROBES = {"quick": 5, "full": 10}
 USUAL_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 FULL_SHAPE = {"width": 256, "depth": 4}
+QUICK_BUDGET_S = 4 * 60  # what the quick configuration's runs may take, projected: the study stays under 5 minutes
 FULL_BUDGET_S = 25 * 60  # what the grown network may take, projected, of the full configuration's 30 minutes
 
 
@@ -79,8 +80,13 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     grids = {o: lrs or lr_grid(first.recipe, o, opts["lr_factors"]) for o in optimizers}
     n_runs = len(seed_values) * sum(len(g) for g in grids.values())
     shape = {"grown_to": {}, "note": None}
+    alone = opts["alone"]
     if full:
         factory, first, shape = full_shape(factory, first, seed, runs=n_runs, steps=steps, probes=probes)
+    elif not any(options.get(k) is not None for k in ("optimizers", "lr_factors", "probes", "alone")) \
+            and lrs is None and steps is None:
+        optimizers, grids, probes, alone, steps, shape = fit_quick(factory(seed), len(seed_values), optimizers,
+                                                                   grids, probes, alone)  # timed on a copy
     steps = steps or first.recipe.steps
     net = network(first)
     runs = []
@@ -88,12 +94,12 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
         for lr in grids[opt_name]:
             for s in seed_values:
                 workload = first if not runs else factory(s)
-                runs.append(train_and_probe(workload, opt_name, lr, steps, probes, opts["alone"], show_progress,
+                runs.append(train_and_probe(workload, opt_name, lr, steps, probes, alone, show_progress,
                                             seed=s, trained_drop=opts["trained_drop"]))
                 keep(out, "runs", runs[-1])
     summary, rows = summarize(runs, net, opts["regime"])
     cfg = config(factory, first, network=net, steps=steps, seeds=seed_values, optimizers=list(optimizers),
-                 lrs={o: g for o, g in grids.items()}, probes=probes, alone=opts["alone"], regime=opts["regime"],
+                 lrs={o: g for o, g in grids.items()}, probes=probes, alone=alone, regime=opts["regime"],
                  trained_drop=opts["trained_drop"], lr_factors=list(opts["lr_factors"]), size=mode, shape=shape)
     results = study_results(NAME, QUESTION, cfg, summary, rows=rows, runs=runs)
     out = run_dir(out)
@@ -162,19 +168,61 @@ def full_shape(factory, first, seed: int, *, runs: int, steps: int | None, probe
     return grown, grown(seed), {"grown_to": wanted, "projected_s": projected, "note": None}
 
 
+def fit_quick(first, seeds: int, optimizers, grids, probes: int, alone: bool, budget_s: float = QUICK_BUDGET_S,
+              timed_steps: int = 10):
+    """The quick configuration, trimmed until its projected wall time fits ``budget_s``: first only the
+    recipe's optimizer, then only its learning rate, then no block-alone losses, then 3 recorded steps, and
+    last fewer training steps (never below half the recipe's budget, so the projection may stay over). The
+    projection: ``timed_steps`` training steps timed on the wall clock, a
+    recorded step counted as 3k training steps (3.5k with the block-alone losses) for k blocks.
+    Returns (optimizers, grids, probes, alone, steps or None, what was decided)."""
+    per_step = step_seconds(first, timed_steps, clock=time.perf_counter)
+    k, budget = len(first.blocks), first.recipe.steps
+
+    def projected(optimizers, grids, probes, alone, steps):
+        runs = seeds * sum(len(grids[o]) for o in optimizers)
+        return runs * per_step * (steps + probes * (3.5 if alone else 3.0) * k)
+
+    recipe = first.recipe
+    trims = [("only the recipe's optimizer", lambda c: {**c, "optimizers": (recipe.optimizer,)}),
+             ("only the recipe's learning rate", lambda c: {**c, "grids": {recipe.optimizer: [recipe.lr]}}),
+             ("no block-alone losses", lambda c: {**c, "alone": False}),
+             ("3 recorded steps per run", lambda c: {**c, "probes": min(3, c["probes"])})]
+    c = dict(optimizers=tuple(optimizers), grids=grids, probes=probes, alone=alone, steps=budget)
+    done = []
+    for what, trim in trims:
+        if projected(**c) <= budget_s:
+            break
+        c = trim(c)
+        done.append(what)
+    steps = None
+    if projected(**c) > budget_s:
+        runs = seeds * sum(len(c["grids"][o]) for o in c["optimizers"])
+        steps = int(budget_s / (runs * per_step) - c["probes"] * (3.5 if c["alone"] else 3.0) * k)
+        steps = min(max(steps, budget // 2, 1), budget)  # never below half the recipe's budget: it must still train
+        done.append(f"{steps} of the recipe's {budget} training steps")
+    note = (f"trimmed to fit the quick configuration's {budget_s / 60:.0f} minutes ({per_step * 1e3:.0f} ms per "
+            f"training step, projected): {'; '.join(done)}") if done else None
+    c["grids"] = {o: c["grids"][o] for o in c["optimizers"]}
+    return c["optimizers"], c["grids"], c["probes"], c["alone"], steps, {
+        "grown_to": {}, "note": note, "quick_projected_s": projected(**{**c, "steps": steps or budget})}
+
+
 def _shape(options: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in options.items())
 
 
-def step_seconds(workload, n: int) -> float:
-    """Processor seconds per training step of ``workload`` (its recipe), over ``n`` steps after one."""
+def step_seconds(workload, n: int, clock=time.process_time) -> float:
+    """Seconds per training step of ``workload`` (its recipe) on ``clock`` (default processor time), over ``n``
+    steps after three."""
     opt = workload.recipe.make(workload.model.parameters())
     batches = workload.batches()
-    opt.step(closure_for(workload, opt, next(batches)))
-    start = time.process_time()
+    for _ in range(3):  # warm-up: optimizer state, allocator, thread pools
+        opt.step(closure_for(workload, opt, next(batches)))
+    start = clock()
     for _ in range(n):
         opt.step(closure_for(workload, opt, next(batches)))
-    return (time.process_time() - start) / n
+    return (clock() - start) / n
 
 
 # ---- one run --------------------------------------------------------------------------------------------
@@ -512,7 +560,7 @@ def report(rows: list[dict], summary: Summary, cfg: dict) -> str:
              "split exactly (float64 Hessian-vector products) at the point it started: ΔL = first order + "
              "½Σ_i C_ii + ½Σ_{i≠j} C_ij + R.\n"]
     if shape.get("note"):
-        lines.append(f"Full configuration: {shape['note']}.\n")
+        lines.append(f"{cfg['size'].capitalize()} configuration: {shape['note']}.\n")
     lines.append("Two measures of the cross term ½Σ_{i≠j}C_ij. The **cross share** divides it by the whole "
                  "curvature term ½ΔᵀHΔ: both are quadratic in the step, so the share does not change when the step is "
                  "scaled and compares learning rates and optimizers. **cross / |first order|** grows ∝ η for SGD by "
