@@ -161,3 +161,14 @@ def test_each_study_has_its_own_help(capsys):
         for key in getattr(module, "OPTIONS", {}):
             assert f"  {key} = " in texts[name]
     assert len(set(texts.values())) == len(texts)  # no two studies share a help text
+
+
+def test_a_missing_studies_extra_is_one_line_and_no_run_directory(monkeypatch, capsys, tmp_path):
+    def missing():
+        raise ImportError("the studies draw figures with matplotlib: pip install 'pyco[studies]'")
+
+    monkeypatch.setattr(_common, "pyplot", missing)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["study", "step-size", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert exc.value.code == 2 and "pip install 'pyco[studies]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
