@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 from pyco._ext import info
 from pyco import blocks, optim, orders
 from pyco import probe
-from pyco.orders import BlockCoordinate, ChainGaussSeidel, GaussSeidel
+from pyco.orders import BlockCoordinate, ChainGaussSeidel, Coupled, GaussSeidel
 from pyco.stats import BlockStats
 
-__all__ = ["BlockCoordinate", "BlockStats", "ChainGaussSeidel", "GaussSeidel", "blocks", "info", "optim", "orders",
+__all__ = ["BlockCoordinate", "BlockStats", "ChainGaussSeidel", "Coupled", "GaussSeidel", "blocks", "info", "optim", "orders",
            "probe", "__version__"]

@@ -354,6 +354,7 @@ WRAPPERS = {
     "BlockCoordinate-random-subset-reset": block_coordinate("random-subset", state="reset"),
     "BlockCoordinate-greedy-every-2": block_coordinate("greedy", every=2),
     "BlockCoordinate-cyclic-every-3-always": block_coordinate("cyclic", every=3, always_last=True),
+    "Coupled-every-2": lambda model, inner: pyco.Coupled(inner, by_module(model), every=2),
 }
 
 
@@ -428,7 +429,8 @@ def test_lr_scheduler_through_the_wrapper(wrapper, kind):
     assert inner.param_groups[0]["lr"] == 0.125 and opt.param_groups is inner.param_groups
 
 
-@pytest.mark.parametrize("wrapper", ["GaussSeidel-random", "ChainGaussSeidel-random", "BlockCoordinate-cyclic"])
+@pytest.mark.parametrize("wrapper", ["GaussSeidel-random", "ChainGaussSeidel-random", "BlockCoordinate-cyclic",
+                                     "Coupled-every-2"])
 def test_step_hooks_and_delegation(wrapper):
     model = mlp()
     x, y = batch()

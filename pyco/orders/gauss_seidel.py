@@ -220,7 +220,8 @@ class Rollback:
     def __init__(self, wrapper: GaussSeidel):
         self.wrapper = wrapper
         self.grads = [(p, p.grad) for p in wrapper.blocks.params()]
-        self.generator = wrapper._generator.get_state()
+        generator = getattr(wrapper, "_generator", None)  # orders without a random sweep have none
+        self.generator = None if generator is None else generator.get_state()
         inner = wrapper.optimizer
         self.inner = {k: getattr(inner, k) for k in ("last_stats", "skipped_steps") if hasattr(inner, k)}
         self.moved: list[tuple[torch.Tensor, torch.Tensor, dict | None]] = []
@@ -254,7 +255,8 @@ class Rollback:
                     entry[key] = old
         for p, g in self.grads:
             p.grad = g
-        self.wrapper._generator.set_state(self.generator)
+        if self.generator is not None:
+            self.wrapper._generator.set_state(self.generator)
         for key, value in self.inner.items():
             setattr(self.wrapper.optimizer, key, value)
         self.wrapper._buffers.rollback()
