@@ -200,11 +200,12 @@ def saddle(seed: int = 0):
     return ps, closure
 
 
-def find_indefinite(trust, lr=0.3):
+def find_indefinite(trust, lr=0.3, indefinite="inner"):
     """(seed, the Coupled step's wrapper and parameters) for the first seed whose model is indefinite."""
     for seed in range(50):
         ps, closure = saddle(seed)
-        opt = pyco.Coupled(torch.optim.SGD(ps, lr=lr), {"a": [ps[0]], "b": [ps[1]]}, trust=trust)
+        opt = pyco.Coupled(torch.optim.SGD(ps, lr=lr), {"a": [ps[0]], "b": [ps[1]]}, trust=trust,
+                           indefinite=indefinite)
         opt.step(closure)
         if opt.last_outcome == "indefinite":
             return seed, opt, ps
@@ -220,8 +221,9 @@ def bare_step(seed, lr=0.3):
     return ps
 
 
-def test_indefinite_without_a_box_falls_back_to_the_inner_step_bitwise():
-    seed, opt, ps = find_indefinite(None)
+@pytest.mark.parametrize("trust, indefinite", [(None, "inner"), (2.0, "inner"), (None, "box")])
+def test_indefinite_falls_back_to_the_inner_step_bitwise(trust, indefinite):
+    seed, opt, ps = find_indefinite(trust, indefinite=indefinite)
     assert opt.last_alpha == {"a": 1.0, "b": 1.0}
     assert opt.outcomes["indefinite"] == 1 and opt.outcomes["interior"] == 0
     assert float(torch.linalg.eigvalsh(opt.last_report.C).min()) < 0
@@ -231,7 +233,7 @@ def test_indefinite_without_a_box_falls_back_to_the_inner_step_bitwise():
 
 @pytest.mark.parametrize("trust", [0.5, 2.0])
 def test_indefinite_inside_a_box_is_a_local_minimiser_no_worse_than_the_proposal(trust):
-    seed, opt, ps = find_indefinite(trust)
+    seed, opt, ps = find_indefinite(trust, indefinite="box")
     report = opt.last_report
     alpha = torch.tensor(list(opt.last_alpha.values()), dtype=torch.float64)
     f, c = report.first_order, report.C
@@ -498,6 +500,7 @@ def test_step_without_closure_is_an_error():
     ({"every": 1.5}, ValueError, "Invalid every"),
     ({"cross": 1}, TypeError, "Invalid cross"),
     ({"dtype": torch.int32}, ValueError, "Invalid dtype"),
+    ({"indefinite": "clip"}, ValueError, "Invalid indefinite: 'clip'"),
 ])
 def test_invalid_options(kwargs, error, message):
     ls = LeastSquares(14)

@@ -19,10 +19,11 @@ import torch
 
 # What a solve ended as. "interior": the model's unconstrained minimiser, inside the box (or no box).
 # "trust_bound": the exact minimiser of the model over the box, with at least one α_i on the box's edge.
-# "indefinite": A is not positive definite. With a box, α is a local minimiser of the model in the box found
-# from α = 1 by projected gradient steps (never worse than α = 1 on the model); without one the model has no
-# minimiser and α = 1. "nonfinite": f or C holds inf or NaN; α = 1.
+# "indefinite": A is not positive definite; α = 1, or with ``indefinite="box"`` (and a box) a local minimiser
+# of the model in the box found from α = 1 by projected gradient steps (never worse than α = 1 on the model).
+# "nonfinite": f or C holds inf or NaN; α = 1.
 OUTCOMES = ("interior", "trust_bound", "indefinite", "nonfinite")
+INDEFINITE = ("inner", "box")  # what an indefinite model gives: α = 1 (the inner step), or the box's local minimum
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def model(f: torch.Tensor, c: torch.Tensor, alpha: torch.Tensor) -> float:
     return float(alpha @ f + 0.5 * alpha @ (c @ alpha))
 
 
-def solve(f: torch.Tensor, c: torch.Tensor, *, trust: float | None, damping: float = 0.0) -> Scales:
+def solve(f: torch.Tensor, c: torch.Tensor, *, trust: float | None, damping: float = 0.0,
+          indefinite: str = "inner") -> Scales:
     """The per-block scales that minimise the quadratic model (see the module docstring).
 
     Args:
@@ -48,6 +50,8 @@ def solve(f: torch.Tensor, c: torch.Tensor, *, trust: float | None, damping: flo
         c: [k, k] the symmetric matrix C_ij = Δ_iᵀ H_ij Δ_j.
         trust: the box |α_i − 1| ≤ trust, or None for no box.
         damping: d ≥ 0, the weight of ½ d ‖α − 1‖².
+        indefinite: where A is not positive definite, "inner" gives α = 1; "box" a local minimiser of the
+            model in the box (α = 1 without a box, where the model has no minimiser).
     """
     f, c = f.detach().double().cpu(), c.detach().double().cpu()
     k = f.numel()
@@ -58,6 +62,8 @@ def solve(f: torch.Tensor, c: torch.Tensor, *, trust: float | None, damping: flo
     a = c + damping * torch.eye(k, dtype=torch.float64)
     b = f - damping * ones
     definite = torch.linalg.cholesky_ex(a).info.item() == 0
+    if not definite and (trust is None or indefinite == "inner"):
+        return Scales(ones, "indefinite", model(f, c, ones))
     if trust is None:
         if not definite:
             return Scales(ones, "indefinite", model(f, c, ones))

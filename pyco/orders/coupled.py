@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from pyco.orders import _block_scales
-from pyco.orders._block_scales import OUTCOMES
+from pyco.orders._block_scales import INDEFINITE, OUTCOMES
 from pyco.orders._replay import BufferReplay
 from pyco.orders._wrapper import OrderWrapper, evaluate
 from pyco.orders.gauss_seidel import Sweep
@@ -39,9 +39,11 @@ class Coupled(OrderWrapper):
 
     - ``"interior"``: the model's minimiser, strictly inside the box (or with ``trust=None``);
     - ``"trust_bound"``: the exact minimiser of the model over the box, some α_i on its edge;
-    - ``"indefinite"``: C + damping·I is not positive definite. With a box, α is a local minimiser of the
-      model in the box reached from α = 1 by projected gradient steps (never worse than α = 1 on the model);
-      with ``trust=None`` the model has no minimiser and α = 1;
+    - ``"indefinite"``: C + damping·I is not positive definite, so the model has no minimiser (it falls
+      without bound along a direction of negative curvature) and α = 1. With ``indefinite="box"`` and a
+      box, α is instead a local minimiser of the model in the box, reached from α = 1 by projected gradient
+      steps (never worse than α = 1 on the model); it lies where the model is least trustworthy, often on a
+      corner of the box;
     - ``"nonfinite"``: the proposal, f or C holds inf or NaN; α = 1.
 
     Where α = 1 the step is bitwise the inner optimizer's own. ``"reused"`` counts the steps between solves.
@@ -67,6 +69,8 @@ class Coupled(OrderWrapper):
         damping (default 0.0): d ≥ 0 adds ½ d ‖α − 1‖² to the model: a pull towards the proposal.
         every (default 1): solve for α at one step in ``every``, reuse it in between.
         cross (default True): False keeps only the diagonal of C (no communication between blocks).
+        indefinite (default "inner"): what an indefinite model gives, α = 1 ("inner") or the local minimiser
+            of the model in the box ("box").
         model: the module whose buffers are replayed; default ``blocks.module``.
         dtype: the probe's dtype (``torch.float64`` for a float32 model); None: the parameters' own.
 
@@ -91,7 +95,7 @@ class Coupled(OrderWrapper):
     """
 
     def __init__(self, optimizer: Optimizer, blocks=None, *, trust: float | None = 2.0, damping: float = 0.0,
-                 every: int = 1, cross: bool = True, model: nn.Module | None = None,
+                 every: int = 1, cross: bool = True, indefinite: str = "inner", model: nn.Module | None = None,
                  dtype: torch.dtype | None = None):
         who = type(self).__name__
         if trust is not None and (isinstance(trust, bool) or not isinstance(trust, (int, float))
@@ -103,6 +107,8 @@ class Coupled(OrderWrapper):
             raise ValueError(f"{who}: Invalid every: {every!r} (expected an int >= 1)")
         if not isinstance(cross, bool):
             raise TypeError(f"{who}: Invalid cross: {cross!r} (expected True or False)")
+        if indefinite not in INDEFINITE:
+            raise ValueError(f"{who}: Invalid indefinite: {indefinite!r} (expected one of {INDEFINITE})")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"{who}: Invalid dtype: {dtype!r} (expected None or a floating-point torch.dtype)")
         super().__init__(optimizer, blocks)
@@ -113,6 +119,7 @@ class Coupled(OrderWrapper):
         self.damping = float(damping)
         self.every = every
         self.cross = cross
+        self.indefinite = indefinite
         self.dtype = dtype
         self.model = model if model is not None else self.blocks.module
         self._buffers = BufferReplay([] if self.model is None else [self.model])
@@ -189,7 +196,8 @@ class Coupled(OrderWrapper):
                 if grad is not None:
                     grad.copy_(saved)
         c = report.C if self.cross else torch.diag(torch.diagonal(report.C))
-        return report, _block_scales.solve(report.first_order, c, trust=self.trust, damping=self.damping)
+        return report, _block_scales.solve(report.first_order, c, trust=self.trust, damping=self.damping,
+                                                  indefinite=self.indefinite)
 
     @torch.no_grad()
     def _apply(self, before, deltas, alpha: torch.Tensor) -> None:
