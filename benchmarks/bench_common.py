@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 
 
 def cpu_name() -> str:
@@ -81,3 +82,19 @@ def time_round(steps: dict, times: dict, device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times[name].append(time.perf_counter() - t0)
+
+
+COUPLED_EVERY = (1, 10, 100)
+
+
+def coupled_every(solve: list[float], reuse: list[float], base: list[float], everies=COUPLED_EVERY) -> dict:
+    """pyco.Coupled at ``every`` = N as a multiple of the base step: one solving step and N − 1 reusing ones
+    per N steps, (solve + (N − 1)·reuse) / N, from the timings of the two kinds of step in the same rounds as
+    the base. Ratio of medians, and the range of the per-round ratios."""
+    out = {}
+    for n in everies:
+        per_round = [(s + (n - 1) * r) / n / b for s, r, b in zip(solve, reuse, base)]
+        amortised = (statistics.median(solve) + (n - 1) * statistics.median(reuse)) / n
+        out[str(n)] = {"ratio": amortised / statistics.median(base), "ratio_min": min(per_round),
+                       "ratio_max": max(per_round)}
+    return out

@@ -7,6 +7,12 @@ Subjects, each on its own copy of the model with its own optimizer (SGD with mom
     gauss-seidel chain    pyco.ChainGaussSeidel: recomputes only the part of the chain that moved
     block-coord top       pyco.BlockCoordinate with only the top block active (backward stops at once)
     block-coord bottom    pyco.BlockCoordinate with only the bottom block active (full backward, one weight grad)
+    coupled solve         pyco.Coupled, a step that solves for the block scales (f and C by k Hessian-vector
+                          products of the proposal, then a k×k box-constrained solve)
+    coupled reuse         pyco.Coupled, a step that reuses its scales (every > 1, between solves)
+
+Coupled at every = 1, 10, 100 is reported as (solve + (every − 1)·reuse) / every over simultaneous, from the two
+kinds of step timed in the same rounds (per workload: benchmarks/bench_workloads.py).
 
 A block is Linear(width, width) + tanh. Rounds interleave the subjects so that drift hits them alike; medians
 are reported, with the ratios the project sets targets for (k >= 8: chain <= 0.6x naive, top-block
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 
 import pyco
-from bench_common import time_round, machine, parse, report
+from bench_common import coupled_every, time_round, machine, parse, report
 
 TARGET_FROM_K = 8
 TARGETS = {"chain_vs_naive": 0.6, "top_vs_simultaneous": 0.6}
@@ -87,9 +93,16 @@ def subjects(k: int, args, device, x, y) -> dict:
             return lambda: bc.step(closure_for(model, bc, x, y))
         return make
 
+    def coupled(every):
+        def make(model, opt):
+            c = pyco.Coupled(opt, pyco.blocks.by_module(model), every=every, model=model)
+            return lambda: c.step(closure_for(model, c, x, y))
+        return make
+
     for name, make in (("simultaneous", simultaneous), ("gauss-seidel naive", naive),
                        ("gauss-seidel chain", incremental), ("block-coord top", coordinate(-1)),
-                       ("block-coord bottom", coordinate(0))):
+                       ("block-coord bottom", coordinate(0)), ("coupled solve", coupled(1)),
+                       ("coupled reuse", coupled(10 ** 9))):  # the reusing one solves at warm-up
         out[name] = with_copy(make)
     return out
 
@@ -115,6 +128,8 @@ def time_k(k: int, args, device) -> dict:
         "top_vs_simultaneous": med["block-coord top"] / med["simultaneous"],
         "bottom_vs_simultaneous": med["block-coord bottom"] / med["simultaneous"],
     }
+    ratios.update({f"coupled_every_{n}_vs_simultaneous": c["ratio"] for n, c in
+                   coupled_every(times["coupled solve"], times["coupled reuse"], times["simultaneous"]).items()})
     return {"k": k, "rows": rows, "ratios": ratios}
 
 
@@ -156,12 +171,14 @@ def table(result: dict) -> str:
         f"median of {result['repeats']} | load average {result['load_average_before']:.1f} -> "
         f"{result['load_average_after']:.1f}",
         "",
-        f"{'k':>3s} " + " ".join(f"{n:>19s}" for n in names) + f" {'chain/naive':>12s} {'top/simult':>11s}",
+        f"{'k':>3s} " + " ".join(f"{n:>19s}" for n in names) + f" {'chain/naive':>12s} {'top/simult':>11s}"
+        + "".join(f" {'coupled/' + str(n):>12s}" for n in (1, 10, 100)),
     ]
     for c in result["chains"]:
         cells = " ".join(f"{c['rows'][n]['median_ms']:16.2f} ms" for n in names)
         lines.append(f"{c['k']:3d} {cells} {c['ratios']['chain_vs_naive']:11.2f}x "
-                     f"{c['ratios']['top_vs_simultaneous']:10.2f}x")
+                     f"{c['ratios']['top_vs_simultaneous']:10.2f}x"
+                     + "".join(f" {c['ratios'][f'coupled_every_{n}_vs_simultaneous']:11.2f}x" for n in (1, 10, 100)))
     for key, t in result["targets"].items():
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
         worst = "-" if t["worst"] is None else f"{t['worst']:.2f}"

@@ -15,6 +15,12 @@ fused optimizers), all on one fixed training batch:
                           coadaptation study records
     monitor               a step recorded by pyco.probe.Monitor (its defaults: full C in float64, no alone):
                           what a recorded step of a monitored training run costs
+    coupled solve         a pyco.Coupled step that solves for the block scales (the probe's f and C of the
+                          optimizer's proposal, the parameters' dtype, a k×k box-constrained solve)
+    coupled reuse         a pyco.Coupled step that reuses its scales (every > 1, between solves)
+
+``coupled`` per workload: Coupled at every = 1, 10, 100 as (solve + (every − 1)·reuse) / every, from the two
+kinds of step timed in the same rounds.
 
 Rounds interleave the subjects so that drift and other processes hit them alike; each ratio is the ratio of
 medians, and its spread the range of the per-round ratios. The JSON names the threads and the load average
@@ -42,13 +48,13 @@ import time
 import torch
 
 import pyco
-from bench_common import time_round, machine, parse, report
+from bench_common import COUPLED_EVERY, coupled_every, time_round, machine, parse, report
 from pyco.studies import load_workload, workloads
 from pyco.studies.intervals import t_interval
 from pyco.studies.workload import map_tensors
 
 SUBJECTS = ("simultaneous", "gauss-seidel", "gauss-seidel chain", "block-coord top", "block-coord bottom",
-            "probe full C", "probe rows", "record", "monitor")
+            "probe full C", "probe rows", "record", "monitor", "coupled solve", "coupled reuse")
 
 
 def closure_for(workload, model, opt, batch):
@@ -101,6 +107,10 @@ def subjects(workload, batch) -> dict:
     model, blocks, opt = copy_of()
     monitor = pyco.probe.Monitor(opt, blocks, every=1)  # every step recorded: the cost of a recorded step
     out["monitor"] = (lambda m, o, mon: lambda: mon.step(closure_for(workload, m, o, batch)))(model, opt, monitor)
+    for name, every in (("coupled solve", 1), ("coupled reuse", 10 ** 9)):  # the reusing one solves at warm-up
+        model, blocks, opt = copy_of()
+        coupled = pyco.Coupled(opt, blocks, every=every, model=model)
+        out[name] = (lambda m, o: lambda: o.step(closure_for(workload, m, o, batch)))(model, coupled)
     return {name: out[name] for name in SUBJECTS if name in out}
 
 
@@ -135,6 +145,7 @@ def time_workload(spec: str, args, device) -> dict:
         "optimizer": f"pyco {workload.recipe.optimizer} lr {workload.recipe.lr}", "batch": describe_batch(batch),
         "load_average_before": load_before, "load_average_rounds": loads, "load_average_after": os.getloadavg()[0],
         "rows": rows,
+        "coupled": coupled_every(times["coupled solve"], times["coupled reuse"], base),
     }
 
 
@@ -209,6 +220,13 @@ def table(result: dict) -> str:
         sim = w["rows"]["simultaneous"]["median_ms"]
         lines.append(f"| {w['workload']} | {w['parameters']:,} | {w['blocks']} | {sim:.3g} ms | " + " | ".join(cells)
                      + " |")
+    lines += ["", "pyco.Coupled at every = N, as a multiple of one simultaneous step: (solve + (N − 1)·reuse) / N", "",
+              "| workload | " + " | ".join(f"every {n}" for n in COUPLED_EVERY) + " |",
+              "|---|" + "---|" * len(COUPLED_EVERY)]
+    for w in result["workloads"]:
+        cells = [f"{c['ratio']:.2g}× ({c['ratio_min']:.2g}–{c['ratio_max']:.2g})"
+                 for c in (w["coupled"][str(n)] for n in COUPLED_EVERY)]
+        lines.append(f"| {w['workload']} | " + " | ".join(cells) + " |")
     if result.get("budget"):
         lines += ["", f"the default budget, {result['budget_seeds']} seeds: held-out metrics, mean [95% interval]", "",
                   "| workload | params | recipe | " + " | ".join(("accuracy", "bits per byte", "loss"))

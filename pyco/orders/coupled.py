@@ -152,12 +152,15 @@ class Coupled(OrderWrapper):
             self.optimizer.zero_grad(set_to_none=True)
             loss = evaluate(closure, f"{who}.step")
             sweep.first_evaluation_done()
-            sweep.undo.before_update(params)
-            before = [value for _, value, _ in sweep.undo.moved]
+            if solving:  # the probe runs after the inner step: keep what it changes, to undo it if the probe raises
+                sweep.undo.before_update(params)
+                before = {i: value for i, (_, value, _) in enumerate(sweep.undo.moved)}
+            else:  # only the parameters this step scales (α ≠ 1) need their values before the inner step
+                before = {i: params[i].detach().clone() for i in self._scaled(self._alpha)}
             self.last_stats = self._step_blocks(range(len(self.blocks)))
             if solving:
-                deltas = [p.detach() - b for p, b in zip(params, before)]
-                report, scales = self._solve(closure, deltas, sweep)
+                deltas = {i: params[i].detach() - b for i, b in before.items()}
+                report, scales = self._solve(closure, [deltas[i] for i in range(len(params))], sweep)
             self._apply(before, deltas if solving else None, scales.alpha if solving else self._alpha)
         if solving:
             self._alpha, self.last_report = scales.alpha, report
@@ -167,6 +170,16 @@ class Coupled(OrderWrapper):
         self.outcomes[self.last_outcome] += 1
         self.steps += 1
         return loss
+
+    def _scaled(self, alpha: torch.Tensor) -> list[int]:
+        """Indices (into ``blocks.params()``) of the parameters of the blocks whose α is not 1."""
+        out, start = [], 0
+        for b, name in enumerate(self.blocks.names):
+            n = len(self.blocks[name])
+            if float(alpha[b]) != 1.0:
+                out += range(start, start + n)
+            start += n
+        return out
 
     def _solve(self, closure, deltas, sweep: Sweep):
         """(the probe's report or None, the scales) for the proposal ``deltas``, at θ on the same batch."""
@@ -180,8 +193,8 @@ class Coupled(OrderWrapper):
         moved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
-                for p, b in zip(params, sweep.undo.moved):
-                    p.copy_(b[1])
+                for p, (_, value, _) in zip(params, sweep.undo.moved):
+                    p.copy_(value)
             sweep.before.restore()
             self._buffers.replay()
             with bypassing_ddp([self.model]):
@@ -200,7 +213,7 @@ class Coupled(OrderWrapper):
                                                   indefinite=self.indefinite)
 
     @torch.no_grad()
-    def _apply(self, before, deltas, alpha: torch.Tensor) -> None:
+    def _apply(self, before: dict, deltas: dict | None, alpha: torch.Tensor) -> None:
         """θ + α_b Δ_b for every block b whose α is not 1 (there the inner step stays as it is, bitwise)."""
         params = self.blocks.params()
         start = 0
@@ -209,9 +222,8 @@ class Coupled(OrderWrapper):
             scale = float(alpha[b])
             if scale != 1.0:
                 for i in range(start, start + n):
-                    p = params[i]
-                    delta = deltas[i] if deltas is not None else p - before[i]
-                    p.copy_(before[i] + scale * delta)
+                    delta = deltas[i] if deltas is not None else params[i] - before[i]
+                    params[i].copy_(before[i] + scale * delta)
             start += n
 
     # ---- checkpoints ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ __all__ = ["Recipe", "Workload", "WorkloadError", "WorkloadFactory", "load", "lo
 _MODULES = {
     "coadaptation": "pyco.studies.coadaptation",
     "orders": "pyco.studies.orders",
+    "communication": "pyco.studies.communication",
     "step-size": "pyco.studies.step_size",
     "feature-drift": "pyco.studies.feature_drift",
     "dosage": "pyco.studies.dosage",

@@ -243,10 +243,13 @@ def train_loss(workload, batches) -> float:
 
 
 def train(order: str, workload, seed: int, lr: float, budget: float, marks: Sequence[float],
-          meter: CostMeter) -> dict:
+          meter: CostMeter, *, wrap_fn=None, cost_fn=None, observe=None) -> dict:
     """``order`` at ``lr`` until ``budget`` gradient-evaluation equivalents are spent; the training loss (on
-    the meter's fixed batches) and held-out metrics each time the spending crosses one of ``marks``."""
-    opt = wrap(order, workload.recipe.make(workload.model.parameters(), lr=lr), workload, seed)
+    the meter's fixed batches) and held-out metrics each time the spending crosses one of ``marks``.
+    ``wrap_fn`` and ``cost_fn`` replace :func:`wrap` and :func:`step_cost` (another study's methods);
+    ``observe(opt, step)`` is called after every step."""
+    wrap_fn, cost_fn = wrap_fn or wrap, cost_fn or step_cost
+    opt = wrap_fn(order, workload.recipe.make(workload.model.parameters(), lr=lr), workload, seed)
     batches = workload.batches()
     counter = [0]
     spent, step, mark, diverged = 0.0, 0, 0, False
@@ -269,7 +272,9 @@ def train(order: str, workload, seed: int, lr: float, budget: float, marks: Sequ
         before = counter[0]
         loss = opt.step(closure_for(workload, opt, next(batches), counter))
         step += 1
-        spent += step_cost(order, opt, counter[0] - before, meter)
+        spent += cost_fn(order, opt, counter[0] - before, meter)
+        if observe is not None:
+            observe(opt, step)
         diverged = not math.isfinite(loss.detach().item())
         crossed = max((i for i, m in enumerate(marks) if spent >= m - 1e-9), default=0)
         if diverged:
@@ -347,14 +352,15 @@ def compare(summary: Summary, curves, runs, orders, seeds, equal_lr: float, chos
 
 # ---- wall time, apart from training ---------------------------------------------------------------------------
 
-def wall_times(factory, seed: int, orders, lr: float, repeats: int, steps: int, meters: dict) -> list[dict]:
+def wall_times(factory, seed: int, orders, lr: float, repeats: int, steps: int, meters: dict,
+               wrap_fn=None) -> list[dict]:
     """Each order's step timed alone on a fresh workload: ``repeats`` timings of ``steps`` steps after two
     warm-up steps; the median time per step and the spread (min, max) over the repeats."""
     rows = []
     full = statistics.median(meters[seed]._time([]) for _ in range(max(repeats, 5)))
     for order in orders:
         workload = factory(seed)
-        opt = wrap(order, workload.recipe.make(workload.model.parameters(), lr=lr), workload, seed)
+        opt = (wrap_fn or wrap)(order, workload.recipe.make(workload.model.parameters(), lr=lr), workload, seed)
         batches = workload.batches()
         for _ in range(2):
             opt.step(closure_for(workload, opt, next(batches)))
