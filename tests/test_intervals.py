@@ -37,6 +37,14 @@ def test_one_value_and_a_diverged_seed_have_no_interval():
         intervals.t_interval([])
 
 
+def test_infinities_of_both_signs_give_nan_not_an_error():
+    e = intervals.paired([math.inf, 1.0, 2.0], [math.inf, 0.5, 1.0])  # both diverged on seed 0: inf − inf
+    assert math.isnan(e.mean) and not e.has_interval and e.sign == 0
+    e = intervals.t_interval([math.inf, -math.inf])
+    assert math.isnan(e.mean) and not e.has_interval
+    assert intervals.t_interval([math.inf, 1.0]).mean == math.inf
+
+
 def test_paired_removes_the_shared_spread():
     base = [10.0, 20.0, 30.0, 40.0]
     a = [b + 1.0 + d for b, d in zip(base, (0.01, -0.01, 0.02, -0.02))]

@@ -30,6 +30,7 @@ under 4 minutes; ``full``: 5 seeds, × (0.1, 0.3, 1, 3, 10), ``every`` 1, 10 and
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -92,6 +93,7 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
     k = len(first.blocks)
     wrap = Wrapper(opts["trust"])
 
+    load = {"before": os.getloadavg()}
     meters = {s: _orders.CostMeter(factory(s), opts["cost_repeats"], opts["train_eval_batches"]) for s in seed_ids}
     for meter in meters.values():
         meter.measure_upfront(pairs=False)
@@ -116,15 +118,18 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
         curves += result["curve"]
         runs.append(final)
         keep(out, "runs", final)
+    load["after training"] = os.getloadavg()
     wall = _orders.wall_times(factory, seed_ids[0], names, equal_lr, opts["wall_repeats"], opts["wall_steps"],
                               meters, wrap_fn=wrap)
+    load["after"] = os.getloadavg()
 
     summary = Summary()
     chosen = _orders.tune(runs, names, grid, equal_lr)
     summarise(summary, curves, runs, alphas, names, seed_ids, grid, chosen, solve_cost, first.blocks.names)
     cfg = config(factory, first, seed=seed_ids[0], seeds=seed_ids, configuration=configuration, budget=budget,
                  budget_trimmed=trimmed, lrs=grid, equal_lr=equal_lr, optimizer=recipe.optimizer, methods=names,
-                 blocks=k, **{key: list(v) if isinstance(v, tuple) else v for key, v in opts.items()})
+                 blocks=k, load_average=load,
+                 **{key: list(v) if isinstance(v, tuple) else v for key, v in opts.items()})
     res = study_results(NAME, QUESTION, cfg, summary, chosen_lr=chosen, wall=wall, runs=runs, curves=curves,
                         alphas=alphas, solve_cost={str(s): c for s, c in solve_cost.items()})
     out = run_dir(out)
@@ -486,8 +491,14 @@ def report(res: dict, summary: Summary) -> str:
               f"workload (measured per seed: the median ratio over {cfg['cost_repeats']} adjacent timings). "
               f"Learning rates {', '.join(f'{g:g}' for g in cfg['lrs'])}; tuned by the "
               f"{chosen['by'].replace('_', ' ')} at the end of the budget. Command: `{' '.join(cfg['command'])}`; "
-              f"{cfg['date']}; torch {cfg['torch']}, {cfg['threads']} thread(s).\n"]
+              f"{cfg['date']}; torch {cfg['torch']}, {cfg['threads']} thread(s); load average (1, 5, 15 min) before "
+              f"{_load(cfg['load_average']['before'])}, after training {_load(cfg['load_average']['after training'])}."
+              "\n"]
     return "\n".join(lines)
+
+
+def _load(avg) -> str:
+    return ", ".join(f"{x:.2f}" for x in avg)
 
 
 def answer(res: dict, summary: Summary) -> list[str]:

@@ -83,9 +83,11 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> Estimate:
     """Mean and Student's t interval of ``values`` (one per seed). A non-finite value makes the interval nan
     (a diverged seed is not averaged away)."""
     xs = _finite(values, "t_interval")
-    mean = statistics.fmean(xs)
     n = len(xs)
-    if n < 2 or not all(math.isfinite(x) for x in xs):
+    if not all(math.isfinite(x) for x in xs):  # inf, −inf or nan: their plain sum says which (fmean raises)
+        return Estimate(sum(xs) / n, math.nan, math.nan, n, tuple(xs))
+    mean = statistics.fmean(xs)
+    if n < 2:
         return Estimate(mean, math.nan, math.nan, n, tuple(xs))
     half = t_quantile(level, n - 1) * statistics.stdev(xs) / math.sqrt(n)
     return Estimate(mean, mean - half, mean + half, n, tuple(xs))
