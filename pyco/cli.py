@@ -200,6 +200,8 @@ def _study(args, parser) -> int:
     out = RunDir(path)
     start = time.perf_counter()
     results = {"study": args.name, "partial": True, "config": factory.to_dict()}
+    if not args.no_progress:
+        _log_progress()
     try:
         given = dict(steps=args.steps, lrs=args.lr, seed=args.seed or None, seeds=args.seeds, quick=args.quick or None,
                      full=args.full or None, show_progress=not args.no_progress or None)  # defaults are not passed
@@ -229,6 +231,23 @@ def _study(args, parser) -> int:
         print()
         print(report.read_text())
     return 0
+
+
+def _log_progress() -> None:
+    """Off a terminal, a study's progress comes as plain lines on stderr (its ``pyco.studies`` log records)."""
+    import logging
+
+    class Stderr(logging.Handler):  # whatever sys.stderr is when a line is written
+        pyco_cli = True
+
+        def emit(self, record):
+            sys.stderr.write(self.format(record) + "\n")
+
+    log = logging.getLogger("pyco.studies")
+    if not any(getattr(h, "pyco_cli", False) for h in log.handlers):
+        log.addHandler(Stderr())
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _bench_script(subject: str) -> Path | None:

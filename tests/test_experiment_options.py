@@ -130,13 +130,30 @@ def test_ctrl_c_in_a_real_study_keeps_the_seeds_it_finished(monkeypatch, tmp_pat
     assert {c["seed"] for c in kept} == {0} and len(kept) == 2  # seed 0's batch and worst-fit cases
 
 
-def test_progress_bars_only_on_a_terminal(monkeypatch):
+def test_off_a_terminal_progress_is_plain_log_lines(monkeypatch, caplog):
     import io
+    import logging
 
-    items = [1, 2, 3]
-    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe or a log file
-    assert _common.progress(items, desc="x") is items
+    items = list(range(1, 31))
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # a pipe or a log file: no bar
     assert _common.progress(items, desc="x", enabled=False) is items
+    clock = iter([0.0, *[float(i) for i in range(1, 31)]])  # one second per item
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="pyco.studies"):
+        assert list(_common.progress(items, desc="orders: training")) == items
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyco.studies"]
+    # the first item, every 10 s, and the last
+    assert lines == ["orders: training: 1/30, 1 s", "orders: training: 11/30, 11 s", "orders: training: 21/30, 21 s",
+                     "orders: training: 30/30, 30 s"]
+
+
+def test_a_study_run_off_a_terminal_writes_progress_lines_to_stderr(capsys, tmp_path):
+    assert cli.main(["study", "step-size", "--out", str(tmp_path / "run"), "--steps", "5", "--seeds", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "step-size: seeds: 1/2" in err and "step-size: seeds: 2/2" in err and "\r" not in err
+    assert cli.main(["study", "step-size", "--out", str(tmp_path / "quiet"), "--steps", "5", "--seeds", "2",
+                     "--no-progress"]) == 0
+    assert "step-size: seeds" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("study", ["step-size", "dosage", "starvation", "feature-drift"])

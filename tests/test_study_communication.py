@@ -88,6 +88,12 @@ def test_sentences_follow_their_intervals(tiny):
     for words, sign in zip(pays.groups(), (-1, 1, 0)):
         for name in re.findall(r"`([^`]+)`", words):
             assert summary[f"tuned_final_train_loss_vs_simultaneous/{name}"].sign == sign
+    pays = re.search(r"\*\*When it pays\.\*\*.*?below simultaneous updates': (.*?); measurably above: (.*?); "
+                     r"the rest", text)
+    assert pays
+    for words, sign in zip(pays.groups(), (-1, 1)):
+        for name, lr in re.findall(r"`([^`]+)` at ([0-9.e+-]+)", words):
+            assert summary[f"gain_at_lr/{name}/{lr}"].sign == sign
     cross = summary["tuned_cross_gain"]
     line = next(line for line in text.splitlines() if "**The communication itself.**" in line)
     assert ("no measurable difference" in line) == (cross.sign == 0)

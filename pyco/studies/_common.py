@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -261,18 +262,41 @@ def pyplot():
     return plt
 
 
+LOG = logging.getLogger("pyco.studies")
+LOG_EVERY_S = 10.0  # off a terminal: a plain progress line at most this often (and for the first and last item)
+
+
 def progress(iterable: Iterable, *, desc: str, total: int | None = None, enabled: bool = True):
-    """tqdm progress bar on stderr (off when ``enabled`` is False, stderr is not a terminal, or tqdm is
-    missing: a log file or a pipe gets no bars)."""
+    """Progress over ``iterable``: a tqdm bar on stderr when it is a terminal (bars nest: a study's loop over
+    its runs holds the bar of each run's steps), plain log lines on the ``pyco.studies`` logger otherwise
+    ("desc: 3/54, 12 s"), at most one every ``LOG_EVERY_S`` seconds besides the first and the last; nothing
+    when ``enabled`` is False."""
     import sys
 
-    if not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+    if not enabled:
         return iterable
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return _log_lines(iterable, desc, total)
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return iterable
+        return _log_lines(iterable, desc, total)
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _log_lines(iterable: Iterable, desc: str, total: int | None):
+    import time
+
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    start = last = time.monotonic()
+    of = f"/{total}" if total is not None else ""
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if i == 1 or i == total or now - last >= LOG_EVERY_S:
+            LOG.info("%s: %d%s, %.0f s", desc, i, of, now - start)
+            last = now
 
 
 def fmt(x: float, digits: int = 3) -> str:

@@ -90,13 +90,12 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     steps = steps or first.recipe.steps
     net = network(first)
     runs = []
-    for opt_name in optimizers:
-        for lr in grids[opt_name]:
-            for s in seed_values:
-                workload = first if not runs else factory(s)
-                runs.append(train_and_probe(workload, opt_name, lr, steps, probes, alone, show_progress,
-                                            seed=s, trained_drop=opts["trained_drop"]))
-                keep(out, "runs", runs[-1])
+    jobs = [(o, lr, s) for o in optimizers for lr in grids[o] for s in seed_values]
+    for opt_name, lr, s in progress(jobs, desc=f"{NAME}: runs", enabled=show_progress):
+        workload = first if not runs else factory(s)
+        runs.append(train_and_probe(workload, opt_name, lr, steps, probes, alone, show_progress,
+                                    seed=s, trained_drop=opts["trained_drop"]))
+        keep(out, "runs", runs[-1])
     summary, rows = summarize(runs, net, opts["regime"])
     cfg = config(factory, first, network=net, steps=steps, seeds=seed_values, optimizers=list(optimizers),
                  lrs={o: g for o, g in grids.items()}, probes=probes, alone=alone, regime=opts["regime"],

@@ -473,10 +473,10 @@ def report(res: dict, summary: Summary) -> str:
     outcome_rows = []
     for m in names:
         if m.startswith("coupled"):
-            outcome_rows.append([m, *(_cell(summary, f"outcome_share/{m}/{o}", claims.percent)
+            outcome_rows.append([m, *(_share(summary.get(f"outcome_share/{m}/{o}"))
                                       for o in ("interior", "trust_bound", "indefinite", "nonfinite"))])
-    lines += ["What the solves ended as (share of the solving steps; an indefinite model gives α = 1, the "
-              "optimizer's own step):\n",
+    lines += ["What the solves ended as (share of the solving steps, mean over seeds with its t interval clipped "
+              "to [0, 100%]; an indefinite model gives α = 1, the optimizer's own step):\n",
               tables.markdown(["method", "interior", "on the box", "indefinite", "non-finite"], outcome_rows)]
 
     lines += ["## The gain by learning rate\n",
@@ -495,6 +495,15 @@ def report(res: dict, summary: Summary) -> str:
               f"{_load(cfg['load_average']['before'])}, after training {_load(cfg['load_average']['after training'])}."
               "\n"]
     return "\n".join(lines)
+
+
+def _share(est) -> str:
+    if est is None:
+        return "—"
+    if not est.has_interval:
+        return claims.percent(est.mean)
+    lo, hi = max(0.0, est.lo), min(1.0, est.hi)
+    return f"{claims.percent(est.mean)} [{claims.percent(lo)}, {claims.percent(hi)}]"
 
 
 def _load(avg) -> str:
@@ -528,6 +537,16 @@ def answer(res: dict, summary: Summary) -> list[str]:
              if summary[f"alpha_minus_nocross/{b}"].sign < 0]
     higher = [b for b in (k.split("/", 1)[1] for k in summary if k.startswith("alpha_minus_nocross/"))
               if summary[f"alpha_minus_nocross/{b}"].sign > 0]
+    better, worse = [], []
+    for m in names[1:]:
+        for g in cfg["lrs"]:
+            est = summary.get(f"gain_at_lr/{m}/{g:g}")
+            if est is not None and est.sign:
+                (better if est.sign < 0 else worse).append(f"`{m}` at {g:g}")
+    lines.append(f"- **When it pays.** At the same learning rate and equal compute, a final training loss measurably "
+                 f"below simultaneous updates': {', '.join(better) or 'none'}; measurably above: "
+                 f"{', '.join(worse) or 'none'}; the rest not distinguishable (paired intervals by learning rate "
+                 f"below).")
     lines.append(f"- **Who yields.** Blocks whose α the cross terms lowered (interval below 0): "
                  f"{', '.join(f'`{b}`' for b in lower) or 'none'}; raised: {', '.join(f'`{b}`' for b in higher) or 'none'}.")
     return lines + [""]

@@ -215,7 +215,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     steps = steps or (budget if configuration == "full" else max(1, budget // 4))
     lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr
     runs, starvation = [], []
-    for s in seed_ids:
+    for s in progress(seed_ids, desc=f"{NAME}: seeds", enabled=show_progress):
         workload = first if s == seed_ids[0] else factory(s)
         with few_threads(workload):
             runs.append({"seed": s, **workload_dosage(workload, steps, lr, show_progress)})

@@ -74,13 +74,13 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     steps = steps or first.recipe.steps
     recorded = phase_steps(steps, probes, opts["window"])
     runs = []
-    for label, net_factory, variant, depth in nets:
-        for s in seed_values:
-            workload = first if not runs else net_factory(s)
-            runs.append({"network": label, "variant": variant, "depth": depth, "seed": s,
-                         **train_and_measure(workload, lr, steps, recorded, show_progress, opts["trained_drop"],
-                                             desc=f"feature-drift: {label} seed {s}")})
-            keep(out, "runs", runs[-1])
+    jobs = [(net, s) for net in nets for s in seed_values]
+    for (label, net_factory, variant, depth), s in progress(jobs, desc=f"{NAME}: runs", enabled=show_progress):
+        workload = first if not runs else net_factory(s)
+        runs.append({"network": label, "variant": variant, "depth": depth, "seed": s,
+                     **train_and_measure(workload, lr, steps, recorded, show_progress, opts["trained_drop"],
+                                         desc=f"feature-drift: {label} seed {s}")})
+        keep(out, "runs", runs[-1])
     summary = summarize(runs, nets)
     cfg = config(factory, first, networks=[n[0] for n in nets], steps=steps, lr=lr, seeds=seed_values, probes=probes,
                  window=opts["window"],

@@ -91,19 +91,18 @@ def run(workload_factory=DEFAULT_WORKLOAD, *, steps: int | None = None, lrs=None
         raise ValueError(f"margin_method 'grid' needs 2-D inputs; this workload's are {list(x.shape[1:])}")
 
     runs, maps = [], {}
-    for s in seed_ids:
-        for m in METHODS:
-            workload = factory(s)
-            lam = opts["sd_lambda"] if m == "sd" else 0.0
-            with few_threads(workload):
-                trained = train(workload, steps, lr, lam, show_progress, f"starvation: seed {s}, {m}")
-                row = {"seed": s, "method": m, **trained, **workload_metrics(workload)}
-                pts = (x.to(workload.device), y.to(workload.device))
-                row.update(measure(workload.model, *pts, method, planar, opts))
-                if planar and s == seed_ids[0]:
-                    maps[m] = boundary_map(workload.model, *pts, opts)
-            runs.append(row)
-            keep(out, "runs", row)
+    for s, m in progress([(s, m) for s in seed_ids for m in METHODS], desc=f"{NAME}: runs", enabled=show_progress):
+        workload = factory(s)
+        lam = opts["sd_lambda"] if m == "sd" else 0.0
+        with few_threads(workload):
+            trained = train(workload, steps, lr, lam, show_progress, f"starvation: seed {s}, {m}")
+            row = {"seed": s, "method": m, **trained, **workload_metrics(workload)}
+            pts = (x.to(workload.device), y.to(workload.device))
+            row.update(measure(workload.model, *pts, method, planar, opts))
+            if planar and s == seed_ids[0]:
+                maps[m] = boundary_map(workload.model, *pts, opts)
+        runs.append(row)
+        keep(out, "runs", row)
 
     summary = summarise(runs, seed_ids, planar)
     cfg = config(factory, first, seeds=seed_ids, seed=seed, steps=steps, lr=lr, configuration=configuration,

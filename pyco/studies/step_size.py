@@ -26,8 +26,8 @@ from torch import nn
 import pyco
 from pyco.blocks import Blocks
 from pyco.studies import claims, tables
-from pyco.studies._common import (RunDir, check_common, config, factory_of, fmt, options as study_options, pyplot,
-                                  results as study_results, run_dir, seed_list, size, train, keep, one_lr)
+from pyco.studies._common import (RunDir, check_common, config, factory_of, fmt, options as study_options, progress,
+                                  pyplot, results as study_results, run_dir, seed_list, size, train, keep, one_lr)
 from pyco.studies.intervals import Summary, t_interval
 from pyco.studies.workload import cast_batch, map_tensors
 from pyco.studies.workloads import DEFAULT
@@ -54,7 +54,7 @@ def run(workload_factory=DEFAULT, *, steps: int | None = None, lrs=None, seed: i
     lr = one_lr(NAME, lrs)[0] if lrs else first.recipe.lr
     toys = toy_cases(etas)
     per_seed = []
-    for s in seed_values:
+    for s in progress(seed_values, desc=f"{NAME}: seeds", enabled=show_progress):
         workload = first if s == seed else factory(s)
         for case in workload_cases(workload, steps, lr, etas, show_progress):
             case["seed"] = s
