@@ -513,3 +513,19 @@ def test_frozen_parameters_in_the_blocks_are_refused():
     ls.params[1].requires_grad_(False)
     with pytest.raises(ValueError, match="does not require grad"):
         pyco.Coupled(torch.optim.SGD(ls.params, lr=0.1), ls.blocks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the same step on the GPU)")
+def test_the_step_on_a_gpu_equals_the_cpu_step():
+    cpu, gpu = LeastSquares(16), LeastSquares(16)
+    gpu.a, gpu.y = gpu.a.cuda(), gpu.y.cuda()
+    gpu.params = [nn.Parameter(p.detach().cuda()) for p in gpu.params]
+    gpu.blocks = {f"b{i}": [p] for i, p in enumerate(gpu.params)}
+    one = pyco.Coupled(torch.optim.Adam(cpu.params, lr=0.1), cpu.blocks, trust=None)
+    two = pyco.Coupled(torch.optim.Adam(gpu.params, lr=0.1), gpu.blocks, trust=None)
+    for _ in range(3):
+        one.step(cpu.closure)
+        two.step(gpu.closure)
+        assert one.last_outcome == two.last_outcome
+    for p, q in zip(cpu.params, gpu.params):
+        assert torch.allclose(p, q.cpu(), rtol=1e-9, atol=1e-12)

@@ -218,6 +218,14 @@ class RunDir:
             writer.writerows(rows)
         return path
 
+    def tables(self, prefix: str, summary=None, **tables: Sequence[dict]) -> None:
+        """``prefix_<key>.csv`` for each table, and ``prefix_summary.csv`` (name, mean, lo, hi, n) of ``summary``."""
+        for key, rows in tables.items():
+            self.csv(f"{prefix}_{key}.csv", rows)
+        if summary is not None:
+            self.csv(f"{prefix}_summary.csv", [{"name": n, "mean": e.mean, "lo": e.lo, "hi": e.hi, "n": e.n}
+                                               for n, e in summary.items()])
+
     def json(self, name: str, data) -> Path:
         """Writes ``data`` as JSON, atomically: a run interrupted while writing leaves the previous file whole."""
         path = self.file(name)

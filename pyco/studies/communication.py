@@ -134,12 +134,8 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
                         alphas=alphas, solve_cost={str(s): c for s, c in solve_cost.items()})
     out = run_dir(out)
     if out is not None:
-        out.csv("communication_curves.csv", curves)
-        out.csv("communication_runs.csv", [{k: v for k, v in r.items() if k != "outcomes"} for r in runs])
-        out.csv("communication_alpha.csv", alphas)
-        out.csv("communication_wall.csv", wall)
-        out.csv("communication_summary.csv", [{"name": n, "mean": e.mean, "lo": e.lo, "hi": e.hi, "n": e.n}
-                                              for n, e in summary.items()])
+        out.tables(NAME, summary, curves=curves, runs=[{k: v for k, v in r.items() if k != "outcomes"} for r in runs],
+                   alpha=alphas, wall=wall)
         figures(res, summary, out)
         out.text("report.md", report(res, summary))
     return res

@@ -123,13 +123,7 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
                         chain_ratio=chain, wall=wall, runs=runs, curves=curves, gaps=gaps)
     out = run_dir(out)
     if out is not None:
-        out.csv("orders_curves.csv", curves)
-        out.csv("orders_runs.csv", runs)
-        out.csv("orders_costs.csv", costs)
-        out.csv("orders_wall.csv", wall)
-        out.csv("orders_gap.csv", gaps)
-        out.csv("orders_summary.csv", [{"name": n, "mean": e.mean, "lo": e.lo, "hi": e.hi, "n": e.n}
-                                        for n, e in summary.items()])
+        out.tables("orders", summary, curves=curves, runs=runs, costs=costs, wall=wall, gap=gaps)
         figures(res, summary, out)
         out.text("report.md", report(res, summary))
     return res
