@@ -10,7 +10,7 @@
 #   ctest      test_cuda_rules: the CUDA arithmetic, plans, init flags and staging pool on the host
 #   --- the stages below need a GPU; without one the script stops here, exit status 0 ---
 #   smoke      benchmarks/cuda_smoke.py: every dtype x rule on CUDA against the CPU path, awkward views
-#   pytest     tests/test_cuda.py tests/test_cuda_host.py
+#   pytest     tests/test_cuda.py tests/test_cuda_host.py, and pyco.Coupled's GPU-against-CPU test
 #   memcheck, racecheck, synccheck   compute-sanitizer on the smoke test (--quick, fewer cases)
 #   bench_1e9, bench_small           benchmarks/bench_update.py --device cuda, 1e9 elements / 2000 tensors
 #
@@ -184,7 +184,8 @@ echo "gpu_check: device $DEVICE"
 
 stage smoke 150 "$PYTHON" "$ROOT/benchmarks/cuda_smoke.py" --out "$OUT/smoke.json"
 stage pytest 300 "$PYTHON" -m pytest -q -p no:cacheprovider -rs -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
-  "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_cuda_host.py" --junitxml="$OUT/pytest.xml"
+  "$ROOT/tests/test_cuda.py" "$ROOT/tests/test_cuda_host.py" \
+  "$ROOT/tests/test_coupled.py::test_the_step_on_a_gpu_equals_the_cpu_step" --junitxml="$OUT/pytest.xml"
 
 SANITIZER=$(command -v compute-sanitizer || true)
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/compute-sanitizer/compute-sanitizer; do

@@ -44,7 +44,7 @@ def _add_common_study_arguments(p: argparse.ArgumentParser) -> None:
                       help="each study's full configuration, more seeds (at most 30 minutes on 2 CPU cores)")
     p.add_argument("--seeds", type=int, help="seeds per measurement (default 3, or 5 with --full)")
     p.add_argument("--force", action="store_true", help="replace a complete run already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress (bars on a terminal, plain lines otherwise)")
 
 
 def _study_help(name: str) -> str | None:

@@ -529,3 +529,16 @@ def test_the_step_on_a_gpu_equals_the_cpu_step():
         assert one.last_outcome == two.last_outcome
     for p, q in zip(cpu.params, gpu.params):
         assert torch.allclose(p, q.cpu(), rtol=1e-9, atol=1e-12)
+
+
+def test_last_stats_are_the_proposals_and_survive_a_raising_step():
+    model = mlp()
+    x, y = batch(8)
+    opt = pyco.Coupled(pyco.optim.Adam(model.parameters(), lr=0.01), pyco.blocks.by_module(model))
+    opt.step(make_closure(model, x, y))
+    stats = opt.last_stats
+    assert stats is not None and list(stats.names) == list(opt.blocks.names)
+    assert bool((stats.values[:, 0] > 0).all())  # Σg² of every block: each had a gradient
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(RaiseOnCall(make_closure(model, x, y), 2))
+    assert opt.last_stats is stats

@@ -80,6 +80,7 @@ class Coupled(OrderWrapper):
         last_outcome: what the last step's α came from: one of the outcomes above or ``"reused"``.
         last_predicted: m(α) of the last solve, the model's predicted loss change of the applied step.
         outcomes: dict outcome -> how many steps ended so, ``"reused"`` included (saved in ``state_dict``).
+        last_stats: with pyco's optimizers, their per-block statistics of the proposal (before the scaling).
 
     Example::
 
@@ -157,11 +158,12 @@ class Coupled(OrderWrapper):
                 before = {i: value for i, (_, value, _) in enumerate(sweep.undo.moved)}
             else:  # only the parameters this step scales (α ≠ 1) need their values before the inner step
                 before = {i: params[i].detach().clone() for i in self._scaled(self._alpha)}
-            self.last_stats = self._step_blocks(range(len(self.blocks)))
+            stats = self._step_blocks(range(len(self.blocks)))
             if solving:
                 deltas = {i: params[i].detach() - b for i, b in before.items()}
                 report, scales = self._solve(closure, [deltas[i] for i in range(len(params))], sweep)
             self._apply(before, deltas if solving else None, scales.alpha if solving else self._alpha)
+        self.last_stats = stats
         if solving:
             self._alpha, self.last_report = scales.alpha, report
             self.last_outcome, self.last_predicted = scales.outcome, scales.predicted
