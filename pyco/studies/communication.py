@@ -14,9 +14,9 @@ every block moves at once from gradients taken at the same point (simultaneous):
 
 Every method trains until it has spent the same budget of gradient-evaluation equivalents: a full
 forward+backward counts 1; a Gauss–Seidel sweep k; a block-coordinate step the measured fraction of a full
-forward+backward its partial backward takes; a solving Coupled step its measured time as a multiple of a
-full forward+backward on the same batch (the median ratio over repeats, timed one right after the other),
-a reusing one 1. Learning rates are tuned per method on a grid (the recipe's lr times a few factors) against
+forward+backward its partial backward takes; a solving and a reusing Coupled step each its measured time as
+a multiple of a full forward+backward on the same batch (the median ratio over repeats, timed one right
+after the other). Learning rates are tuned per method on a grid (the recipe's lr times a few factors) against
 the held-out loss at the end of the budget. Reported: the losses at equal compute against measured time and
 gradient-evaluation equivalents, the losses at equal steps (what communication buys, ignoring its cost), the
 per-block α over training and its difference from the no-cross α at the same point, how the gain depends on
@@ -97,7 +97,7 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
     meters = {s: _orders.CostMeter(factory(s), opts["cost_repeats"], opts["train_eval_batches"]) for s in seed_ids}
     for meter in meters.values():
         meter.measure_upfront(pairs=False)
-    solve_cost = {s: coupled_cost(factory(s), opts["cost_repeats"], wrap) for s in seed_ids}
+    solve_cost = {s: coupled_cost(factory, s, opts["cost_repeats"], wrap) for s in seed_ids}
     budget = float(steps or recipe.steps)
     trimmed = None
     if configuration == "quick" and steps is None:
@@ -107,9 +107,10 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
     jobs = [(m, lr, s) for s in seed_ids for lr in grid for m in names]
     curves, runs, alphas = [], [], []
     for method, lr, s in progress(jobs, desc="communication: training", enabled=show_progress):
-        observer = AlphaLog(method, lr, s) if method.startswith("coupled") else None
+        workload = factory(s)
+        observer = AlphaLog(method, lr, s, workload) if method.startswith("coupled") else None
         cost = step_cost(solve_cost[s])
-        result = _orders.train(method, factory(s), s, lr, budget, marks, meters[s], wrap_fn=wrap, cost_fn=cost,
+        result = _orders.train(method, workload, s, lr, budget, marks, meters[s], wrap_fn=wrap, cost_fn=cost,
                                observe=observer)
         final = result["final"]
         if observer is not None:
@@ -157,43 +158,38 @@ class Wrapper:
                             model=workload.model)
 
 
-def step_cost(solve: float):
-    """The cost function of :func:`pyco.studies.orders.train` with Coupled's steps: ``solve`` gradient-
-    evaluation equivalents for a solving step, 1 for one that reused α."""
-    def cost(method, opt, calls, meter):
+def step_cost(cost: dict):
+    """The cost function of :func:`pyco.studies.orders.train` with Coupled's steps: ``cost["solve"]`` gradient-
+    evaluation equivalents for a solving step, ``cost["reuse"]`` for one that reused α (both measured)."""
+    def fn(method, opt, calls, meter):
         if method.startswith("coupled"):
-            return 1.0 if opt.last_outcome == "reused" else solve
+            return cost["reuse"] if opt.last_outcome == "reused" else cost["solve"]
         return _orders.step_cost(method, opt, calls, meter)
 
-    return cost
+    return fn
 
 
-def coupled_cost(workload, repeats: int, wrap: Wrapper) -> float:
-    """A solving Coupled step's time as a multiple of a full forward+backward on the same batch: both timed
-    alone, one right after the other, the median ratio over ``repeats`` (after one warm-up each)."""
-    opt = wrap("coupled every 1", workload.recipe.make(workload.model.parameters(), lr=workload.recipe.lr),
-               workload, 0)
-    batch = next(workload.batches())
-    closure = closure_for(workload, opt, batch)
-
+def coupled_cost(factory, seed: int, repeats: int, wrap: Wrapper) -> dict:
+    """A solving and a reusing Coupled step's time as multiples of a full forward+backward on the same batch,
+    each timed alone right after a full one, the median ratio over ``repeats`` (after a warm-up), on workloads
+    of their own: ``{"solve": ..., "reuse": ...}``."""
     def timed(fn) -> float:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
 
-    state = [p.detach().clone() for p in workload.model.parameters()]
-    buffers = [b.detach().clone() for b in workload.model.buffers()]
-    timed(closure), timed(lambda: opt.step(closure))
-    ratios = []
-    for _ in range(max(1, repeats)):
-        full = timed(closure)
-        ratios.append(timed(lambda: opt.step(closure)) / full)
-    with torch.no_grad():  # the workload is the meter's own; leave it as built
-        for p, v in zip(workload.model.parameters(), state):
-            p.copy_(v)
-        for b, v in zip(workload.model.buffers(), buffers):
-            b.copy_(v)
-    return statistics.median(ratios)
+    out = {}
+    for kind, method in (("solve", "coupled every 1"), ("reuse", f"coupled every {10 ** 9}")):
+        workload = factory(seed)
+        opt = wrap(method, workload.recipe.make(workload.model.parameters(), lr=workload.recipe.lr), workload, 0)
+        closure = closure_for(workload, opt, next(workload.batches()))
+        timed(closure), timed(lambda: opt.step(closure)), timed(lambda: opt.step(closure))  # the first one solves
+        ratios = []
+        for _ in range(max(1, repeats)):
+            full = timed(closure)
+            ratios.append(timed(lambda: opt.step(closure)) / full)
+        out[kind] = statistics.median(ratios)
+    return out
 
 
 def fit_budget(budget: float, meter, runs: int, budget_s: float = QUICK_BUDGET_S) -> tuple[float, dict | None]:
@@ -212,28 +208,33 @@ def fit_budget(budget: float, meter, runs: int, budget_s: float = QUICK_BUDGET_S
 class AlphaLog:
     """Records, at every solving step of a Coupled run, each block's α and, from the same f and C, the α the
     model gives without the cross terms (or with them, for the no-cross control): the communication's effect
-    on each block at the same point."""
+    on each block at the same point. And whether the model held: its predicted change m(α), the loss change
+    the applied step really made on the step's batch (one forward pass at the new parameters, outside the
+    budget: a diagnostic, not part of the method) and the change the proposal itself (α = 1) would have made."""
 
-    def __init__(self, method: str, lr: float, seed: int):
-        self.method, self.lr, self.seed = method, lr, seed
+    def __init__(self, method: str, lr: float, seed: int, workload):
+        self.method, self.lr, self.seed, self.workload = method, lr, seed, workload
         self.rows: list[dict] = []
         self.outcomes: dict[str, int] = {}
 
-    def __call__(self, opt, step: int) -> None:
+    def __call__(self, opt, step: int, batch) -> None:
         self.outcomes = dict(opt.outcomes)
         if opt.last_outcome == "reused" or opt.last_report is None:
             return
         from pyco.orders import _block_scales
+        from pyco.probe._evaluation import FixedBatch
 
         report = opt.last_report
         c = report.C if not opt.cross else torch.diag(torch.diagonal(report.C))
         other = _block_scales.solve(report.first_order, c, trust=opt.trust, damping=opt.damping,
                                     indefinite=opt.indefinite).alpha.tolist()
+        with FixedBatch(lambda: self.workload.loss(batch), opt.blocks.params(), opt.dtype) as fixed:
+            applied = float(fixed.loss()) - report.loss_before  # buffers and random state left as they were
         for b, (name, alpha) in enumerate(opt.last_alpha.items()):
             coupled, nocross = (alpha, other[b]) if opt.cross else (other[b], alpha)
             self.rows.append({"method": self.method, "lr": self.lr, "seed": self.seed, "step": step, "block": name,
                               "alpha": alpha, "alpha_coupled": coupled, "alpha_nocross": nocross,
-                              "outcome": opt.last_outcome, "predicted": opt.last_predicted,
+                              "outcome": opt.last_outcome, "predicted": opt.last_predicted, "applied": applied,
                               "proposal_actual": report.actual})
 
 
@@ -257,7 +258,8 @@ def loss_at_evals(curves, method, lr, seed, evals: float) -> float:
 
 def summarise(summary: Summary, curves, runs, alphas, names, seeds, grid, chosen, solve_cost, blocks) -> None:
     metrics = ["train_loss", *sorted({k for r in runs for k in r if k.startswith("heldout_")})]
-    summary.add("solve_cost", [solve_cost[s] for s in seeds])
+    summary.add("solve_cost", [solve_cost[s]["solve"] for s in seeds])
+    summary.add("reuse_cost", [solve_cost[s]["reuse"] for s in seeds])
     for m in names:
         lr = chosen[m]
         summary.add(f"cost_per_step/{m}", [r["spent"] / max(1, r["steps"]) for r in runs
@@ -302,6 +304,21 @@ def summarise(summary: Summary, curves, runs, alphas, names, seeds, grid, chosen
         if per_seed:
             summary.add(f"alpha/{b}", per_seed)
             summary.add(f"alpha_minus_nocross/{b}", diff)
+    for m in names:  # did the model hold? per seed, over the solves of the run at the tuned lr
+        if not m.startswith("coupled"):
+            continue
+        gap, worse, gain = [], [], []
+        for s in seeds:
+            solves = {a["step"]: a for a in alphas if a["method"] == m and a["lr"] == chosen[m] and a["seed"] == s}
+            rows = [a for a in solves.values() if a["outcome"] != "indefinite"]  # α = 1 there: nothing modelled
+            if rows:
+                gap.append(statistics.fmean(a["applied"] - a["predicted"] for a in rows))
+                worse.append(statistics.fmean(float(a["applied"] > a["proposal_actual"]) for a in rows))
+                gain.append(statistics.fmean(a["applied"] - a["proposal_actual"] for a in rows))
+        if gap:
+            summary.add(f"model_error/{m}", gap)
+            summary.add(f"applied_worse_than_proposal/{m}", worse)
+            summary.add(f"applied_minus_proposal/{m}", gain)
     for m in names:
         if not m.startswith("coupled"):
             continue
@@ -422,8 +439,8 @@ def report(res: dict, summary: Summary) -> str:
     lines += answer(res, summary)
 
     lines += ["## Cost and loss at equal compute, each method at its tuned learning rate\n",
-              "Cost: gradient-evaluation equivalents per step (Gauss–Seidel counts k, block-coordinate and a "
-              "solving Coupled step their measured time as a multiple of a full forward+backward). Wall: the "
+              "Cost: gradient-evaluation equivalents per step (Gauss–Seidel counts k, block-coordinate and "
+              "Coupled steps their measured time as a multiple of a full forward+backward). Wall: the "
               "measured time per step as a multiple of a simultaneous step (median of repeats, min–max).\n"]
     wall = {r["order"]: r for r in res["wall"]}
     base = wall["simultaneous"]["ms_per_step"]
@@ -475,6 +492,19 @@ def report(res: dict, summary: Summary) -> str:
               "to [0, 100%]; an indefinite model gives α = 1, the optimizer's own step):\n",
               tables.markdown(["method", "interior", "on the box", "indefinite", "non-finite"], outcome_rows)]
 
+    fidelity = [m for m in names if f"model_error/{m}" in summary]
+    if fidelity:
+        lines += ["## Did the model hold?\n",
+                  "At each solving step (indefinite ones excluded: α = 1 there), on the step's own batch: the loss "
+                  "change the applied step θ + Σ α_i Δ_i really made, minus the model's prediction m(α) (the "
+                  "third- and higher-order part the quadratic model leaves out); and against the change the "
+                  "proposal alone (α = 1) would have made. A diagnostic: one forward pass per solve, outside the "
+                  "budget. Means over the run's solves, 95% intervals over seeds.\n",
+                  tables.markdown(["method", "realised − predicted", "realised − proposal's own change",
+                                   "share of solves where the applied step did worse than the proposal"],
+                                  [[m, _cell(summary, f"model_error/{m}", signed=True),
+                                    _cell(summary, f"applied_minus_proposal/{m}", signed=True),
+                                    _share(summary.get(f"applied_worse_than_proposal/{m}"))] for m in fidelity])]
     lines += ["## The gain by learning rate\n",
               "Final training loss minus simultaneous at the same learning rate, equal compute; and Coupled "
               "minus its no-cross control at the same learning rate (the cross terms' own effect).\n"]
@@ -484,7 +514,8 @@ def report(res: dict, summary: Summary) -> str:
     lines += [tables.markdown(head, rows), "![lr](communication_lr.png)\n"]
     lines += ["## How it was measured\n",
               f"A solving Coupled step cost {_cell(summary, 'solve_cost')} full forward+backward passes on this "
-              f"workload (measured per seed: the median ratio over {cfg['cost_repeats']} adjacent timings). "
+              f"workload, a reusing one {_cell(summary, 'reuse_cost')} (measured per seed: the median ratio over "
+              f"{cfg['cost_repeats']} adjacent timings). "
               f"Learning rates {', '.join(f'{g:g}' for g in cfg['lrs'])}; tuned by the "
               f"{chosen['by'].replace('_', ' ')} at the end of the budget. Command: `{' '.join(cfg['command'])}`; "
               f"{cfg['date']}; torch {cfg['torch']}, {cfg['threads']} thread(s); load average (1, 5, 15 min) before "
@@ -514,7 +545,8 @@ def answer(res: dict, summary: Summary) -> list[str]:
     lines = ["## In short\n"]
     cost = summary["solve_cost"]
     lines.append(f"- **Cost.** A solving Coupled step cost {claims.ci(cost)} plain gradient evaluations "
-                 f"(k = {cfg['blocks']}); a Gauss–Seidel sweep costs {cfg['blocks']}.")
+                 f"(k = {cfg['blocks']}), a reusing one {claims.ci(summary['reuse_cost'])}; a Gauss–Seidel sweep "
+                 f"costs {cfg['blocks']}.")
     sides = {1: [], -1: [], 0: []}
     for m in names[1:]:
         sides[summary[f"tuned_final_train_loss_vs_simultaneous/{m}"].sign].append(f"`{m}`")
@@ -533,6 +565,14 @@ def answer(res: dict, summary: Summary) -> list[str]:
              if summary[f"alpha_minus_nocross/{b}"].sign < 0]
     higher = [b for b in (k.split("/", 1)[1] for k in summary if k.startswith("alpha_minus_nocross/"))
               if summary[f"alpha_minus_nocross/{b}"].sign > 0]
+    est = summary.get(f"model_error/{twin}")
+    if est is not None:
+        lines.append("- **Did the model hold?** " + claims.sign(
+            est, quantity=f"On the step's own batch, the realised loss change of `{twin}`'s step minus its quadratic "
+                          "model's prediction", positive="the applied steps did worse than the model promised "
+                          "(third and higher orders, which the model leaves out, work against the scaled step)",
+            negative="the applied steps did better than the model promised") + "; realised minus the proposal's "
+                     f"own change: {claims.ci(summary[f'applied_minus_proposal/{twin}'], signed=True)}.")
     better, worse = [], []
     for m in names[1:]:
         for g in cfg["lrs"]:

@@ -241,7 +241,7 @@ def train(order: str, workload, seed: int, lr: float, budget: float, marks: Sequ
     """``order`` at ``lr`` until ``budget`` gradient-evaluation equivalents are spent; the training loss (on
     the meter's fixed batches) and held-out metrics each time the spending crosses one of ``marks``.
     ``wrap_fn`` and ``cost_fn`` replace :func:`wrap` and :func:`step_cost` (another study's methods);
-    ``observe(opt, step)`` is called after every step."""
+    ``observe(opt, step, batch)`` is called after every step, with the step's batch."""
     wrap_fn, cost_fn = wrap_fn or wrap, cost_fn or step_cost
     opt = wrap_fn(order, workload.recipe.make(workload.model.parameters(), lr=lr), workload, seed)
     batches = workload.batches()
@@ -264,11 +264,12 @@ def train(order: str, workload, seed: int, lr: float, budget: float, marks: Sequ
     record(0)
     while spent < budget - 1e-9 and not diverged:
         before = counter[0]
-        loss = opt.step(closure_for(workload, opt, next(batches), counter))
+        batch = next(batches)
+        loss = opt.step(closure_for(workload, opt, batch, counter))
         step += 1
         spent += cost_fn(order, opt, counter[0] - before, meter)
         if observe is not None:
-            observe(opt, step)
+            observe(opt, step, batch)
         diverged = not math.isfinite(loss.detach().item())
         crossed = max((i for i, m in enumerate(marks) if spent >= m - 1e-9), default=0)
         if diverged:
