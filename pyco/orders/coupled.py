@@ -152,17 +152,17 @@ class Coupled(OrderWrapper):
         with Sweep(self) as sweep:
             self.optimizer.zero_grad(set_to_none=True)
             loss = evaluate(closure, f"{who}.step")
-            sweep.first_evaluation_done()
-            if solving:  # the probe runs after the inner step: keep what it changes, to undo it if the probe raises
+            if solving:  # the probe re-evaluates and runs after the inner step: keep what the first evaluation
+                sweep.first_evaluation_done()  # left (random state, buffers), and what the inner step changes
                 sweep.undo.before_update(params)
                 before = {i: value for i, (_, value, _) in enumerate(sweep.undo.moved)}
             else:  # only the parameters this step scales (α ≠ 1) need their values before the inner step
                 before = {i: params[i].detach().clone() for i in self._scaled(self._alpha)}
             stats = self._step_blocks(range(len(self.blocks)))
             if solving:
-                deltas = {i: params[i].detach() - b for i, b in before.items()}
-                report, scales = self._solve(closure, [deltas[i] for i in range(len(params))], sweep)
-            self._apply(before, deltas if solving else None, scales.alpha if solving else self._alpha)
+                deltas = [params[i].detach() - before[i] for i in range(len(params))]
+                report, scales = self._solve(closure, deltas, sweep)
+            self._apply(before, scales.alpha if solving else self._alpha)
         self.last_stats = stats
         if solving:
             self._alpha, self.last_report = scales.alpha, report
@@ -176,9 +176,9 @@ class Coupled(OrderWrapper):
     def _scaled(self, alpha: torch.Tensor) -> list[int]:
         """Indices (into ``blocks.params()``) of the parameters of the blocks whose α is not 1."""
         out, start = [], 0
-        for b, name in enumerate(self.blocks.names):
+        for a, name in zip(alpha.tolist(), self.blocks.names):
             n = len(self.blocks[name])
-            if float(alpha[b]) != 1.0:
+            if a != 1.0:
                 out += range(start, start + n)
             start += n
         return out
@@ -215,18 +215,19 @@ class Coupled(OrderWrapper):
                                                   indefinite=self.indefinite)
 
     @torch.no_grad()
-    def _apply(self, before: dict, deltas: dict | None, alpha: torch.Tensor) -> None:
-        """θ + α_b Δ_b for every block b whose α is not 1 (there the inner step stays as it is, bitwise)."""
+    def _apply(self, before: dict, alpha: torch.Tensor) -> None:
+        """θ + α_b Δ_b = α_b θ' + (1 − α_b) θ for every block b whose α is not 1, with θ' what the inner step
+        left (there, where α = 1, the inner step stays as it is, bitwise): three fused passes."""
+        scaled = self._scaled(alpha)
+        if not scaled:
+            return
         params = self.blocks.params()
-        start = 0
-        for b, name in enumerate(self.blocks.names):
-            n = len(self.blocks[name])
-            scale = float(alpha[b])
-            if scale != 1.0:
-                for i in range(start, start + n):
-                    delta = deltas[i] if deltas is not None else params[i] - before[i]
-                    params[i].copy_(before[i] + scale * delta)
-            start += n
+        of_param = [a for a, name in zip(alpha.tolist(), self.blocks.names) for _ in self.blocks[name]]
+        targets = [params[i] for i in scaled]
+        scales = [of_param[i] for i in scaled]
+        rest = torch._foreach_mul([before[i] for i in scaled], [1.0 - a for a in scales])  # new tensors: the
+        torch._foreach_mul_(targets, scales)  # values before the step stay intact for a rollback
+        torch._foreach_add_(targets, rest)
 
     # ---- checkpoints ----------------------------------------------------------------------------------
 
