@@ -55,8 +55,13 @@ def test_orders(tmp_path, capsys):
     result = run(bench_orders, ["--k", "2", "--width", "16", "--batch", "4", "--repeats", "3"], tmp_path, capsys)
     (chain,) = result["chains"]
     assert chain["k"] == 2
-    assert {"simultaneous", "gauss-seidel naive", "gauss-seidel chain"} <= set(chain["rows"])
+    assert {"simultaneous", "gauss-seidel naive", "gauss-seidel chain", "coupled solve", "coupled reuse"} <= set(
+        chain["rows"])
     check_rows(chain["rows"], 3)
+    rows, ratios = chain["rows"], chain["ratios"]
+    solve, reuse, sim = (rows[n]["median_ms"] for n in ("coupled solve", "coupled reuse", "simultaneous"))
+    for n in (1, 10, 100):
+        assert ratios[f"coupled_every_{n}_vs_simultaneous"] == pytest.approx((solve + (n - 1) * reuse) / n / sim)
 
 
 # torch's forward-mode AD (the torch.func peer) loads its decompositions through torch.jit, which warns.

@@ -325,6 +325,13 @@ def test_bench_workloads_writes_ratios_spreads_threads_and_load(user_module, tmp
             assert len(row["times_ms"]) == 3 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
             assert row["ratio"] == pytest.approx(row["median_ms"] / sim["median_ms"])
             assert row["ratio_min"] <= row["ratio_max"]
+        # Coupled at every = N: one solving and N − 1 reusing steps, from the medians of the same rounds
+        solve, reuse = w["rows"]["coupled solve"]["median_ms"], w["rows"]["coupled reuse"]["median_ms"]
+        for n in (1, 10, 100):
+            c = w["coupled"][str(n)]
+            assert c["ratio"] == pytest.approx((solve + (n - 1) * reuse) / n / sim["median_ms"])
+            assert c["ratio_min"] <= c["ratio_max"]
+        assert w["coupled"]["1"]["ratio"] == pytest.approx(w["rows"]["coupled solve"]["ratio"])
     budget = {b["workload"]: b for b in result["budget"]}
     assert [r["seed"] for r in budget["mnist1d-cnn"]["runs"]] == [0, 1]
     acc = budget["mnist1d-cnn"]["metrics"]["accuracy"]
