@@ -65,8 +65,11 @@ def test_the_alpha_log_matches_an_independent_solve_of_the_logged_model(tiny):
     for a in rows:
         assert a["alpha"] == a["alpha_coupled"]
         assert abs(a["alpha_coupled"] - 1) <= 2.0 + 1e-12 and abs(a["alpha_nocross"] - 1) <= 2.0 + 1e-12
-        if a["outcome"] == "indefinite":
+        assert math.isfinite(a["eval_applied"]) and math.isfinite(a["applied"])
+        if a["outcome"] == "indefinite":  # α = 1: the applied step is the proposal, on every batch
             assert a["alpha_coupled"] == 1.0
+            assert a["eval_applied"] == pytest.approx(a["eval_proposal"], abs=1e-12)
+            assert a["applied"] == pytest.approx(a["proposal_actual"], abs=1e-6)
     nocross = [a for a in res["alphas"] if a["method"] == "coupled no-cross every 1"]
     assert nocross and all(a["alpha"] == a["alpha_nocross"] for a in nocross)
 

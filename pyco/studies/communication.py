@@ -108,7 +108,9 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
     curves, runs, alphas = [], [], []
     for method, lr, s in progress(jobs, desc="communication: training", enabled=show_progress):
         workload = factory(s)
-        observer = AlphaLog(method, lr, s, workload) if method.startswith("coupled") else None
+        observer = (AlphaLog(method, lr, s, workload, meters[s].eval_batches) if method.startswith("coupled")
+                    else None)
+        wrap.observer = observer
         cost = step_cost(solve_cost[s])
         result = _orders.train(method, workload, s, lr, budget, marks, meters[s], wrap_fn=wrap, cost_fn=cost,
                                observe=observer)
@@ -149,13 +151,18 @@ class Wrapper:
 
     def __init__(self, trust):
         self.trust = trust
+        self.observer: AlphaLog | None = None  # attached to the next Coupled built
 
     def __call__(self, method: str, inner, workload, seed: int):
         if not method.startswith("coupled"):
             return _orders.wrap(method, inner, workload, seed)
         every = int(method.split()[-1])
-        return pyco.Coupled(inner, workload.blocks, trust=self.trust, every=every, cross="no-cross" not in method,
-                            model=workload.model)
+        opt = pyco.Coupled(inner, workload.blocks, trust=self.trust, every=every, cross="no-cross" not in method,
+                           model=workload.model)
+        if self.observer is not None:
+            self.observer.attach(opt)
+            self.observer = None
+        return opt
 
 
 def step_cost(cost: dict):
@@ -208,14 +215,24 @@ def fit_budget(budget: float, meter, runs: int, budget_s: float = QUICK_BUDGET_S
 class AlphaLog:
     """Records, at every solving step of a Coupled run, each block's α and, from the same f and C, the α the
     model gives without the cross terms (or with them, for the no-cross control): the communication's effect
-    on each block at the same point. And whether the model held: its predicted change m(α), the loss change
-    the applied step really made on the step's batch (one forward pass at the new parameters, outside the
-    budget: a diagnostic, not part of the method) and the change the proposal itself (α = 1) would have made."""
+    on each block at the same point. And whether the model held, as diagnostics outside the budget (forward
+    passes only, the model's buffers put back): on the step's own batch, the model's predicted change m(α), the
+    change the applied step really made and the change the proposal itself (α = 1) would have made; and the
+    same two changes of the training loss the study reports (the mean over its fixed training batches), so
+    that a step tuned to its own batch shows as one."""
 
-    def __init__(self, method: str, lr: float, seed: int, workload):
+    def __init__(self, method: str, lr: float, seed: int, workload, eval_batches):
         self.method, self.lr, self.seed, self.workload = method, lr, seed, workload
+        self.eval_batches = eval_batches
         self.rows: list[dict] = []
         self.outcomes: dict[str, int] = {}
+        self.before: list[torch.Tensor] | None = None
+
+    def attach(self, opt) -> None:
+        """Keeps the parameters before every step (a step pre-hook)."""
+        def keep(optimizer, args, kwargs):
+            self.before = [p.detach().clone() for p in optimizer.blocks.params()]
+        opt.register_step_pre_hook(keep)
 
     def __call__(self, opt, step: int, batch) -> None:
         self.outcomes = dict(opt.outcomes)
@@ -228,14 +245,41 @@ class AlphaLog:
         c = report.C if not opt.cross else torch.diag(torch.diagonal(report.C))
         other = _block_scales.solve(report.first_order, c, trust=opt.trust, damping=opt.damping,
                                     indefinite=opt.indefinite).alpha.tolist()
-        with FixedBatch(lambda: self.workload.loss(batch), opt.blocks.params(), opt.dtype) as fixed:
+        params = opt.blocks.params()
+        with FixedBatch(lambda: self.workload.loss(batch), params, opt.dtype) as fixed:
             applied = float(fixed.loss()) - report.loss_before  # buffers and random state left as they were
+        evals = self._eval_changes(opt, params)
         for b, (name, alpha) in enumerate(opt.last_alpha.items()):
             coupled, nocross = (alpha, other[b]) if opt.cross else (other[b], alpha)
             self.rows.append({"method": self.method, "lr": self.lr, "seed": self.seed, "step": step, "block": name,
                               "alpha": alpha, "alpha_coupled": coupled, "alpha_nocross": nocross,
                               "outcome": opt.last_outcome, "predicted": opt.last_predicted, "applied": applied,
-                              "proposal_actual": report.actual})
+                              "proposal_actual": report.actual, **evals})
+
+    @torch.no_grad()
+    def _eval_changes(self, opt, params) -> dict:
+        """The training loss's change by the applied step and by the proposal (θ + Δ, Δ_b recovered as
+        (θ' − θ)/α_b; None where some α_b is 0), at the parameters before and after this step."""
+        if self.before is None:
+            return {}
+        now = [p.detach().clone() for p in params]
+        alpha = [a for a, name in zip(opt.last_alpha.values(), opt.blocks.names) for _ in opt.blocks[name]]
+        loss = lambda: _orders.train_loss(self.workload, self.eval_batches)  # noqa: E731
+        after = loss()
+        try:
+            for p, b in zip(params, self.before):
+                p.copy_(b)
+            start = loss()
+            if any(a == 0.0 for a in alpha):
+                proposal = math.nan
+            else:
+                for p, b, n, a in zip(params, self.before, now, alpha):
+                    p.copy_(b + (n - b) / a)
+                proposal = loss()
+        finally:
+            for p, n in zip(params, now):
+                p.copy_(n)
+        return {"eval_applied": after - start, "eval_proposal": proposal - start}
 
 
 # ---- the numbers ------------------------------------------------------------------------------------------------
@@ -244,6 +288,12 @@ def _final(runs, method, lr, key):
     """``key`` of the runs of ``method`` at ``lr``, seed by seed."""
     return [r.get(key, math.nan) for r in sorted((r for r in runs if r["order"] == method and r["lr"] == lr),
                                                   key=lambda r: r["seed"])]
+
+
+def _solves(alphas, method, lr, seed) -> list[dict]:
+    """One row per solving step (not indefinite) of the run of ``method`` at ``lr`` from ``seed``."""
+    return list({a["step"]: a for a in alphas if a["method"] == method and a["lr"] == lr and a["seed"] == seed
+                 and a["outcome"] != "indefinite"}.values())
 
 
 def loss_at_evals(curves, method, lr, seed, evals: float) -> float:
@@ -285,6 +335,10 @@ def summarise(summary: Summary, curves, runs, alphas, names, seeds, grid, chosen
         mine = sorted((r for r in runs if r["order"] == m and r["lr"] == lr), key=lambda r: r["seed"])
         sim = [loss_at_evals(curves, "simultaneous", sim_lr, r["seed"], float(r["steps"])) for r in mine]
         summary.add(f"equal_steps_train_loss_vs_simultaneous/{m}", [r["train_loss"] for r in mine], against=sim)
+        for g in grid:  # and at the same learning rate
+            mine = sorted((r for r in runs if r["order"] == m and r["lr"] == g), key=lambda r: r["seed"])
+            sim = [loss_at_evals(curves, "simultaneous", g, r["seed"], float(r["steps"])) for r in mine]
+            summary.add(f"equal_steps_same_lr/{m}/{g:g}", [r["train_loss"] for r in mine], against=sim)
     nocross = next(m for m in names if "no-cross" in m)
     twin = nocross.replace(" no-cross", "")
     summary.add("tuned_cross_gain", _final(runs, twin, chosen[twin], "train_loss"),
@@ -307,18 +361,20 @@ def summarise(summary: Summary, curves, runs, alphas, names, seeds, grid, chosen
     for m in names:  # did the model hold? per seed, over the solves of the run at the tuned lr
         if not m.startswith("coupled"):
             continue
-        gap, worse, gain = [], [], []
-        for s in seeds:
-            solves = {a["step"]: a for a in alphas if a["method"] == m and a["lr"] == chosen[m] and a["seed"] == s}
-            rows = [a for a in solves.values() if a["outcome"] != "indefinite"]  # α = 1 there: nothing modelled
-            if rows:
-                gap.append(statistics.fmean(a["applied"] - a["predicted"] for a in rows))
-                worse.append(statistics.fmean(float(a["applied"] > a["proposal_actual"]) for a in rows))
-                gain.append(statistics.fmean(a["applied"] - a["proposal_actual"] for a in rows))
-        if gap:
-            summary.add(f"model_error/{m}", gap)
-            summary.add(f"applied_worse_than_proposal/{m}", worse)
-            summary.add(f"applied_minus_proposal/{m}", gain)
+        per_seed = [_solves(alphas, m, chosen[m], s) for s in seeds]
+        per_seed = [rows for rows in per_seed if rows]  # indefinite solves excluded: α = 1 there, nothing modelled
+        if not per_seed:
+            continue
+        summary.add(f"model_error/{m}", [statistics.fmean(a["applied"] - a["predicted"] for a in rows)
+                                         for rows in per_seed])
+        summary.add(f"applied_worse_than_proposal/{m}", [statistics.fmean(float(a["applied"] > a["proposal_actual"])
+                                                                          for a in rows) for rows in per_seed])
+        summary.add(f"applied_minus_proposal/{m}", [statistics.fmean(a["applied"] - a["proposal_actual"]
+                                                                     for a in rows) for rows in per_seed])
+        on_eval = [[a["eval_applied"] - a["eval_proposal"] for a in rows
+                    if math.isfinite(a.get("eval_proposal", math.nan))] for rows in per_seed]
+        if all(on_eval):
+            summary.add(f"eval_applied_minus_proposal/{m}", [statistics.fmean(v) for v in on_eval])
     for m in names:
         if not m.startswith("coupled"):
             continue
@@ -471,6 +527,11 @@ def report(res: dict, summary: Summary) -> str:
                               [[m, _cell(summary, f"steps/{m}", lambda x: f"{x:.0f}"),
                                 _cell(summary, f"equal_steps_train_loss_vs_simultaneous/{m}", signed=True)]
                                for m in names if m != "simultaneous"])]
+    lines += ["The same at each learning rate of the grid (the simultaneous run at the same learning rate, read at "
+              "the method's step count):\n",
+              tables.markdown(["lr", *(m for m in names if m != "simultaneous")],
+                              [[f"{g:g}", *(_cell(summary, f"equal_steps_same_lr/{m}/{g:g}", signed=True)
+                                            for m in names if m != "simultaneous")] for g in cfg["lrs"]])]
 
     nocross = next(m for m in names if "no-cross" in m)
     twin = nocross.replace(" no-cross", "")
@@ -501,10 +562,16 @@ def report(res: dict, summary: Summary) -> str:
                   "proposal alone (α = 1) would have made. A diagnostic: one forward pass per solve, outside the "
                   "budget. Means over the run's solves, 95% intervals over seeds.\n",
                   tables.markdown(["method", "realised − predicted", "realised − proposal's own change",
-                                   "share of solves where the applied step did worse than the proposal"],
+                                   "share of solves where the applied step did worse than the proposal",
+                                   "training loss (fixed batches): applied − proposal"],
                                   [[m, _cell(summary, f"model_error/{m}", signed=True),
                                     _cell(summary, f"applied_minus_proposal/{m}", signed=True),
-                                    _share(summary.get(f"applied_worse_than_proposal/{m}"))] for m in fidelity])]
+                                    _share(summary.get(f"applied_worse_than_proposal/{m}")),
+                                    _cell(summary, f"eval_applied_minus_proposal/{m}", signed=True)]
+                                   for m in fidelity]),
+                  "The last column is the same comparison on the training loss the study reports (the mean over "
+                  "its fixed training batches) instead of the step's own batch: a step chosen to be best for its "
+                  "own batch need not be best for the others.\n"]
     lines += ["## The gain by learning rate\n",
               "Final training loss minus simultaneous at the same learning rate, equal compute; and Coupled "
               "minus its no-cross control at the same learning rate (the cross terms' own effect).\n"]
@@ -573,6 +640,13 @@ def answer(res: dict, summary: Summary) -> list[str]:
                           "(third and higher orders, which the model leaves out, work against the scaled step)",
             negative="the applied steps did better than the model promised") + "; realised minus the proposal's "
                      f"own change: {claims.ci(summary[f'applied_minus_proposal/{twin}'], signed=True)}.")
+        est = summary.get(f"eval_applied_minus_proposal/{twin}")
+        if est is not None:
+            lines.append("- **On the other batches.** " + claims.sign(
+                est, quantity=f"The change of the training loss on the study's fixed batches by `{twin}`'s applied "
+                              "step minus the proposal's own", positive="the scaled step, chosen for its own batch, "
+                              "did worse than the unscaled proposal on the others", negative="the scaled step also "
+                              "did better than the proposal on the other batches") + ".")
     better, worse = [], []
     for m in names[1:]:
         for g in cfg["lrs"]:
