@@ -100,6 +100,12 @@ def test_sentences_follow_their_intervals(tiny):
     for words, sign in zip(pays.groups(), (-1, 1)):
         for name, lr in re.findall(r"`([^`]+)` at ([0-9.e+-]+)", words):
             assert summary[f"gain_at_lr/{name}/{lr}"].sign == sign
+    buys = re.search(r"measurably lower at (.*?) and measurably higher at (.*?); each", text)
+    assert buys
+    twin = "coupled every 1"
+    for words, sign in zip(buys.groups(), (-1, 1)):
+        for lr in re.findall(r"[0-9][0-9.e+-]*", words):
+            assert summary[f"equal_steps_same_lr/{twin}/{lr}"].sign == sign
     cross = summary["tuned_cross_gain"]
     line = next(line for line in text.splitlines() if "**The communication itself.**" in line)
     assert ("no measurable difference" in line) == (cross.sign == 0)

@@ -469,8 +469,8 @@ def _cell(summary: Summary, name: str, show=claims.number, signed=False) -> str:
     est = summary.get(name)
     if est is None:
         return "—"
-    if not math.isfinite(est.mean):
-        return "diverged" if any(not math.isfinite(v) for v in est.values) else "n/a"
+    if not math.isfinite(est.mean):  # only a non-finite value makes the mean so: a run that diverged
+        return "diverged"
     return claims.ci(est, show, signed=signed)
 
 
@@ -621,9 +621,17 @@ def answer(res: dict, summary: Summary) -> list[str]:
                  f"training loss against simultaneous updates (paired 95% intervals, n = {len(cfg['seeds'])}): "
                  f"lower for {', '.join(sides[-1]) or 'none'}; higher for {', '.join(sides[1]) or 'none'}; no "
                  f"measurable difference for {', '.join(sides[0]) or 'none'}.")
-    est = summary[f"equal_steps_train_loss_vs_simultaneous/{twin}"]
-    lines.append("- **What it buys per step.** " + claims.difference(
-        f"`{twin}`", "simultaneous updates after as many steps", est, quantity="training loss") + ".")
+    sim_lr = res["chosen_lr"]["simultaneous"]
+    est = summary[f"equal_steps_same_lr/{twin}/{sim_lr:g}"]
+    lower = [f"{g:g}" for g in cfg["lrs"] if summary[f"equal_steps_same_lr/{twin}/{g:g}"].sign < 0]
+    higher = [f"{g:g}" for g in cfg["lrs"] if summary[f"equal_steps_same_lr/{twin}/{g:g}"].sign > 0]
+    lines.append("- **What it buys per step.** At simultaneous updates' tuned learning rate " + f"({sim_lr:g}), "
+                 + claims.difference(f"`{twin}`", "simultaneous updates after as many steps", est,
+                                     quantity="training loss")
+                 + f". At the same learning rate and as many steps, `{twin}` was measurably lower at "
+                 f"{', '.join(lower) or 'no learning rate'} and measurably higher at {', '.join(higher) or 'none'}; "
+                 "each at its own tuned learning rate: "
+                 + claims.ci(summary[f"equal_steps_train_loss_vs_simultaneous/{twin}"], signed=True) + ".")
     cross = summary["tuned_cross_gain"]
     lines.append("- **The communication itself.** " + claims.difference(
         f"`{twin}`", f"its no-cross control (`{nocross}`, the same cost)", cross, quantity="final training loss")
