@@ -499,8 +499,8 @@ def report(res: dict, summary: Summary) -> str:
     lines += ["## Cost and loss at equal compute, each method at its tuned learning rate\n",
               "Cost: gradient-evaluation equivalents per step (Gauss–Seidel counts k, block-coordinate and "
               "Coupled steps their measured time as a multiple of a full forward+backward). Wall: the "
-              "measured time per step as a multiple of a simultaneous step (median of repeats, min–max; each repeat as "
-              "many steps as the largest `every`, so that it holds its share of solves).\n"]
+              "measured time per step as a multiple of a simultaneous step (median of repeats, min–max; each "
+              "repeat as many steps as the largest `every`, so that it holds its share of solves).\n"]
     wall = {r["order"]: r for r in res["wall"]}
     base = wall["simultaneous"]["ms_per_step"]
     head = ["method", "tuned lr", "cost per step", "wall × simultaneous", "steps", "final training loss",
