@@ -64,9 +64,7 @@ def solve(f: torch.Tensor, c: torch.Tensor, *, trust: float | None, damping: flo
     definite = torch.linalg.cholesky_ex(a).info.item() == 0
     if not definite and (trust is None or indefinite == "inner"):
         return Scales(ones, "indefinite", model(f, c, ones))
-    if trust is None:
-        if not definite:
-            return Scales(ones, "indefinite", model(f, c, ones))
+    if trust is None:  # positive definite here
         alpha = torch.cholesky_solve(-b.reshape(k, 1), torch.linalg.cholesky(a)).reshape(k)
         return Scales(alpha, "interior", model(f, c, alpha))
     if trust == 0.0:  # the box is the point α = 1

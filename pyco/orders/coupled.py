@@ -173,15 +173,21 @@ class Coupled(OrderWrapper):
         self.steps += 1
         return loss
 
+    def _per_param(self, alpha: torch.Tensor) -> list[float]:
+        """Each block's α, repeated for each of its parameters (aligned with ``blocks.params()``)."""
+        return [a for a, name in zip(alpha.tolist(), self.blocks.names) for _ in self.blocks[name]]
+
     def _scaled(self, alpha: torch.Tensor) -> list[int]:
         """Indices (into ``blocks.params()``) of the parameters of the blocks whose α is not 1."""
-        out, start = [], 0
-        for a, name in zip(alpha.tolist(), self.blocks.names):
-            n = len(self.blocks[name])
-            if a != 1.0:
-                out += range(start, start + n)
-            start += n
-        return out
+        return [i for i, a in enumerate(self._per_param(alpha)) if a != 1.0]
+
+    def scales(self, report, *, cross: bool | None = None) -> _block_scales.Scales:
+        """The block scales this wrapper's options give for the probe's ``report`` (f and C of a proposal);
+        ``cross`` overrides the wrapper's choice (False: the diagonal of C only)."""
+        cross = self.cross if cross is None else cross
+        c = report.C if cross else torch.diag(torch.diagonal(report.C))
+        return _block_scales.solve(report.first_order, c, trust=self.trust, damping=self.damping,
+                                   indefinite=self.indefinite)
 
     def _solve(self, closure, deltas, sweep: Sweep):
         """(the probe's report or None, the scales) for the proposal ``deltas``, at θ on the same batch."""
@@ -210,9 +216,7 @@ class Coupled(OrderWrapper):
                 p.grad = grad
                 if grad is not None:
                     grad.copy_(saved)
-        c = report.C if self.cross else torch.diag(torch.diagonal(report.C))
-        return report, _block_scales.solve(report.first_order, c, trust=self.trust, damping=self.damping,
-                                                  indefinite=self.indefinite)
+        return report, self.scales(report)
 
     @torch.no_grad()
     def _apply(self, before: dict, alpha: torch.Tensor) -> None:
@@ -221,8 +225,7 @@ class Coupled(OrderWrapper):
         scaled = self._scaled(alpha)
         if not scaled:
             return
-        params = self.blocks.params()
-        of_param = [a for a, name in zip(alpha.tolist(), self.blocks.names) for _ in self.blocks[name]]
+        params, of_param = self.blocks.params(), self._per_param(alpha)
         targets = [params[i] for i in scaled]
         scales = [of_param[i] for i in scaled]
         rest = torch._foreach_mul([before[i] for i in scaled], [1.0 - a for a in scales])  # new tensors: the

@@ -240,13 +240,10 @@ class AlphaLog:
         self.outcomes = dict(opt.outcomes)
         if opt.last_outcome == "reused" or opt.last_report is None:
             return
-        from pyco.orders import _block_scales
         from pyco.probe._evaluation import FixedBatch
 
         report = opt.last_report
-        c = report.C if not opt.cross else torch.diag(torch.diagonal(report.C))
-        other = _block_scales.solve(report.first_order, c, trust=opt.trust, damping=opt.damping,
-                                    indefinite=opt.indefinite).alpha.tolist()
+        other = opt.scales(report, cross=not opt.cross).alpha.tolist()  # the same f and C, the other way
         params = opt.blocks.params()
         with FixedBatch(lambda: self.workload.loss(batch), params, opt.dtype) as fixed:
             applied = float(fixed.loss()) - report.loss_before  # buffers and random state left as they were
@@ -265,7 +262,7 @@ class AlphaLog:
         if self.before is None:
             return {}
         now = [p.detach().clone() for p in params]
-        alpha = [a for a, name in zip(opt.last_alpha.values(), opt.blocks.names) for _ in opt.blocks[name]]
+        alpha = opt._per_param(opt._alpha)
         loss = lambda: _orders.train_loss(self.workload, self.eval_batches)  # noqa: E731
         after = loss()
         try:
