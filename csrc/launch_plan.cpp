@@ -19,6 +19,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -34,7 +35,7 @@ namespace {
 // directly: no attribute lookup through a subclass's MRO (nn.Parameter's), which is most of a call's cost.
 struct Names {
   PyObject *grad, *data_ptr, *version, *numel, *dtype, *is_contiguous, *is_neg, *is_conj, *get_device,
-      *untyped_storage, *stride, *is_complex;
+      *untyped_storage, *stride, *is_complex, *cdata, *tensor_cdata;
 };
 Names names;  // one reference each, kept for the process' lifetime; filled by the first Plan
 
@@ -44,7 +45,8 @@ void resolve_names() {
   auto get = [&](const char* name) { return py::object(d[name]).release().ptr(); };
   names = Names{get("grad"),       get("data_ptr"),      get("_version"),        get("numel"),
                 get("dtype"),      get("is_contiguous"), get("is_neg"),          get("is_conj"),
-                get("get_device"), get("untyped_storage"), get("stride"),        py::str("is_complex").release().ptr()};
+                get("get_device"), get("untyped_storage"), get("stride"),        py::str("is_complex").release().ptr(),
+                py::str("_cdata").release().ptr(), get("_cdata")};
 }
 
 // obj.<method>(): a new reference, or nullptr with a Python error set.
@@ -104,6 +106,8 @@ struct Kept {
   PyObject* key = nullptr;      // strong; its key in the parameter's state dict (nullptr: the parameter)
   int64_t ptr = 0;
   int64_t version = 0;
+  uintptr_t impl = 0;          // its TensorImpl's and StorageImpl's addresses (torch's `_cdata`), only ever
+  uintptr_t storage_impl = 0;  // prefetched: a hint to the memory system, never dereferenced
   int field = 0;  // which int64 of the TensorRecord holds its address
   Expect expect;
 };
@@ -207,16 +211,19 @@ class Plan {
       for (size_t pi = 0; pi < groups_[gi].size(); ++pi)
         if (PyList_GET_ITEM(list, pi) != groups_[gi][pi]) return reason("param group " + std::to_string(gi) + " changed");
     }
-    for (size_t i = 0; i < entries_.size(); ++i) {
+    const size_t n = entries_.size();
+    grads_.assign(n, nullptr);
+    for (size_t j = 0; j < std::min(n, kGradAhead); ++j) read_grad(j);
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) prefetch(entries_[i + kAhead]);
+      if (i + kGradAhead < n) read_grad(i + kGradAhead);
       Entry& e = entries_[i];
-      PyObject* g = get(e.param, names.grad);
+      PyObject* g = grads_[i];  // borrowed from held_
       if (!g) return reason("reading .grad raised");
       if (g == Py_None) {
-        Py_DECREF(g);
         if (e.record >= 0) return reason("parameter " + std::to_string(i) + " has no gradient now");
         continue;
       }
-      held_.push_back(g);
       if (e.record < 0) return reason("parameter " + std::to_string(i) + " has a gradient now");
       if (const char* why = check_grad(g, e)) return reason("gradient " + std::to_string(i) + ": " + why);
       PyObject* entry_state = state_of(state.ptr(), e.param, e.hash_is_id);  // borrowed
@@ -289,6 +296,7 @@ class Plan {
   void drop_held() {
     for (PyObject* o : held_) Py_DECREF(o);
     held_.clear();
+    grads_.clear();
   }
 
  private:
@@ -326,11 +334,60 @@ class Plan {
       k.expect = expect_of(k.obj);
       k.storage = call0(k.obj, names.untyped_storage);
       if (!k.storage) throw py::error_already_set();
+      k.impl = address_of(k.obj, names.tensor_cdata);
+      k.storage_impl = address_of(k.storage);
       if (!call_int(k.obj, names.data_ptr, &k.ptr) || !attr_int(k.obj, names.version, &k.version))
         throw py::error_already_set();
       if (record_field(records_[entry.record], k.field) != k.ptr)
         throw KernelError("plan: a record's address differs from its tensor's");
     }
+  }
+
+  // How many entries ahead refresh asks for the memory it will read: the checks are chains of dependent loads
+  // (Python object, TensorImpl, StorageImpl) that the processor cannot start early on its own.
+  static constexpr size_t kAhead = 6;
+  static constexpr size_t kGradAhead = 3;
+
+  // A prefetch is only a hint: an address that is stale or 0 costs a wasted request, never a fault.
+  static void prefetch_lines(uintptr_t address, int lines) {
+    for (int i = 0; i < lines; ++i) __builtin_prefetch(reinterpret_cast<const void*>(address + 64 * i));
+  }
+
+  static void prefetch(const Entry& e) {
+    for (const Kept& k : e.kept) {
+      prefetch_lines(reinterpret_cast<uintptr_t>(k.obj), 1);
+      prefetch_lines(k.impl, 2);
+      prefetch_lines(k.storage_impl, 1);
+    }
+  }
+
+  // Reads entry j's gradient a few entries before it is checked (kept in held_; grads_[j] is nullptr when the
+  // read raised, Py_None when there is none) and asks for the memory of its TensorImpl.
+  void read_grad(size_t j) {
+    PyObject* g = get(entries_[j].param, names.grad);
+    if (!g) {
+      PyErr_Clear();
+      return;
+    }
+    held_.push_back(g);
+    grads_[j] = g;
+    if (g != Py_None) prefetch_lines(address_of(g, names.tensor_cdata), 2);
+  }
+
+  // The address torch publishes as `obj._cdata` (its C++ object's), read through `descriptor` (nullptr:
+  // attribute lookup), or 0.
+  static uintptr_t address_of(PyObject* obj, PyObject* descriptor = nullptr) {
+    PyObject* r = descriptor ? get(obj, descriptor) : PyObject_GetAttr(obj, names.cdata);
+    uintptr_t a = 0;
+    if (r) {
+      a = reinterpret_cast<uintptr_t>(PyLong_AsVoidPtr(r));
+      Py_DECREF(r);
+    }
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      a = 0;
+    }
+    return a;
   }
 
   // What t (and tensors that must look like it) is now.
@@ -394,6 +451,7 @@ class Plan {
   std::vector<Entry> entries_;
   std::vector<std::vector<PyObject*>> groups_;  // strong: the param groups' parameters when planned
   std::vector<PyObject*> held_;                 // strong: this step's gradients and their storages
+  std::vector<PyObject*> grads_;                // borrowed (from held_): this refresh's gradient of each entry
 };
 
 void bind_launch_plan(py::module_& m) {

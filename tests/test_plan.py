@@ -4,6 +4,8 @@ gives torch's result) or refuses with nothing changed."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import TOL, assert_state_match, clone_params, make_params, set_grads
@@ -197,6 +199,33 @@ def test_refresh_names_what_changed():
     assert "changed" in plan.refresh([groups[0][:1]], opt.state)
     opt.state[params[0]]["momentum_buffer"] = torch.zeros(3, dtype=torch.float64)
     assert "replaced" in plan.refresh(groups, opt.state)
+
+
+def test_refresh_reads_every_gradient_of_many_parameters():
+    """refresh reads each gradient a few parameters before it checks it: a change is still named at its own
+    index (the first parameter, inside and past the read-ahead, the last), and no gradient is leaked."""
+    params = make_params([(i + 1,) for i in range(20)])
+    opt = pyco.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    plan = opt._plans[("all",)][0]
+    groups = [g["params"] for g in opt.param_groups]
+    counts = [sys.getrefcount(p.grad) for p in params]
+    for k in (0, 2, 3, 10, 19):
+        g = params[k].grad
+        params[k].grad = None
+        assert f"parameter {k} has no gradient now" in plan.refresh(groups, opt.state)
+        params[k].grad = g
+        g.data = g.float()
+        assert f"gradient {k}: dtype changed" in plan.refresh(groups, opt.state)
+        g.data = g.double()
+        assert plan.refresh(groups, opt.state) is None
+        plan.drop_held()
+    del g
+    assert [sys.getrefcount(p.grad) for p in params] == counts
+    opt.step()
+    assert opt._launches["planned"] == 1
 
 
 def test_the_plan_keeps_the_memory_it_writes_alive():
