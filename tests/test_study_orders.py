@@ -217,3 +217,17 @@ def test_factory_without_activation_runs_as_given(monkeypatch, threads, tmp_path
 def test_unknown_option_is_refused():
     with pytest.raises(TypeError, match="unknown option 'sweeps'"):
         orders.run(load_workload("digits-mlp", size="tiny"), sweeps=3)
+
+
+def test_worst_point_names_the_largest_error_and_its_gradient_against_the_other_seeds():
+    def row(seed, step, pred, fwd, bwd, first):
+        return {"activation": "gelu", "lr": 0.01, "seed": seed, "step": step, "predicted_gap": pred,
+                "measured_gap_forward": fwd, "measured_gap_backward": bwd, "first_order": first}
+
+    gaps = [row(0, 0, 1.0, 1.05, 1.02, -1.0), row(1, 0, 1.0, 0.97, 1.01, -1.2),
+            row(0, 50, 1.0, 1.01, 1.0, -0.5), row(1, 50, 1.0, 1.0, 3.5, -2.0), row(2, 50, 2.0, 2.1, 2.0, -0.25),
+            {**row(3, 50, 0.0, 1.0, 1.0, -9.0)}]  # a zero prediction has no relative error: left out
+    text = orders.worst_point(gaps, "gelu", 0.01)
+    assert "250%" in text and "seed 1, step 50, the backward sweep; 0% on the other" in text
+    assert "4–8× the other seeds' at step 50" in text  # 2.0 against 0.5 and 0.25 (seed 3's zero row left out)
+    assert orders.worst_point(gaps, "relu", 0.01) == ""

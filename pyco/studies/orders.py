@@ -1006,7 +1006,7 @@ def gap_report(res: dict, summary: Summary) -> list[str]:
             lines.append("- " + claims.below(est, 0.05, quantity=f"The {act} network's relative error at η = {key:g}",
                                              show=claims.percent) + ".")
     lines += growth(summary, acts, lrs)
-    lines += explanation(summary, acts, lrs, steps)
+    lines += explanation(summary, acts, lrs, steps, res["gaps"])
     if "gelu" in acts or acts:
         act = "gelu" if "gelu" in acts else acts[0]
         sgn = summary.get(f"gap_over_dl/{act}/{tag}")
@@ -1035,7 +1035,30 @@ def growth(summary: Summary, acts, lrs) -> list[str]:
     return out
 
 
-def explanation(summary: Summary, acts, lrs, steps) -> list[str]:
+def worst_point(gaps: list[dict], act: str, lr: float, frozen: bool = False) -> str:
+    """The point with the largest relative error of ``act``'s prediction at ``lr`` (seed, step, sweep), with its
+    first-order decrease against the other seeds' at the same step: a large gradient there is a step far
+    outside the second-order regime."""
+    key = "measured_gap_frozen_" if frozen else "measured_gap_"
+    rows = [g for g in gaps if g["activation"] == act and g["lr"] == lr and g["predicted_gap"] != 0
+            and f"{key}forward" in g]
+    cands = [(abs(g[f"{key}{sweep}"] - g["predicted_gap"]) / abs(g["predicted_gap"]), sweep, g)
+             for g in rows for sweep in ("forward", "backward")]
+    if not cands:
+        return ""
+    err, sweep, g = max(cands, key=lambda c: c[0])
+    other = {c[1]: c[0] for c in cands if c[2] is g}["backward" if sweep == "forward" else "forward"]
+    others = [abs(o["first_order"]) for o in rows if o["step"] == g["step"] and o["seed"] != g["seed"]]
+    text = (f"The largest single error is {err:.0%} (seed {g['seed']}, step {g['step']}, the {sweep} sweep; "
+            f"{other:.0%} on the other)")
+    if others and min(others) > 0:
+        lo, hi = abs(g["first_order"]) / max(others), abs(g["first_order"]) / min(others)
+        text += (f"; its first-order decrease η‖g‖² there is {lo:.3g}–{hi:.3g}× the other seeds' at step "
+                 f"{g['step']}")
+    return text + "."
+
+
+def explanation(summary: Summary, acts, lrs, steps, gaps: list[dict] | None = None) -> list[str]:
     """Why the prediction misses where it does, from the flips and the frozen-pattern sweeps of this run."""
     out = []
     key = key_lr(lrs)
@@ -1060,7 +1083,9 @@ def explanation(summary: Summary, acts, lrs, steps) -> list[str]:
                    f"remainder of third order grows in proportion to η, so its growth factor over the η ratio is 1; "
                    + "; ".join(checks) + ". "
                    + (f"Its error is below 5% for η ≤ {max(fine):g}." if fine else
-                      "Its error is not below 5% at any η measured."))
+                      "Its error is not below 5% at any η measured.")
+                   + (" " + worst_point(gaps, name.removesuffix("-frozen"), key, name.endswith("-frozen"))
+                      if gaps else ""))
     if "relu" not in acts:
         return out
     excess = summary.get(f"gap_error_excess/relu-vs-frozen/{tag}")
