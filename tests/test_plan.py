@@ -178,14 +178,19 @@ def test_layouts_that_need_copies_are_prepared_every_step():
     assert pair.launches == {"prepared": 3, "planned": 0}
 
 
-def test_refresh_names_what_changed():
-    params = make_params([(3,), (4,)])
+def planned_sgd(params):
+    """SGD with momentum over ``params`` after one step on gradients of ones: the optimizer, its plan for a full
+    step and the param groups' lists that refresh takes."""
     opt = pyco.optim.SGD(params, lr=0.1, momentum=0.9)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    plan = opt._plans[("all",)][0]
-    groups = [g["params"] for g in opt.param_groups]
+    return opt, opt._plans[("all",)][0], [g["params"] for g in opt.param_groups]
+
+
+def test_refresh_names_what_changed():
+    params = make_params([(3,), (4,)])
+    opt, plan, groups = planned_sgd(params)
     assert plan.refresh(groups, opt.state) is None
     params[1].grad.data = params[1].grad.float()  # .data skips the checks of the .grad setter
     assert "dtype changed" in plan.refresh(groups, opt.state)
@@ -205,12 +210,7 @@ def test_refresh_reads_every_gradient_of_many_parameters():
     """refresh reads each gradient a few parameters before it checks it: a change is still named at its own
     index (the first parameter, inside and past the read-ahead, the last), and no gradient is leaked."""
     params = make_params([(i + 1,) for i in range(20)])
-    opt = pyco.optim.SGD(params, lr=0.1, momentum=0.9)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    plan = opt._plans[("all",)][0]
-    groups = [g["params"] for g in opt.param_groups]
+    opt, plan, groups = planned_sgd(params)
     counts = [sys.getrefcount(p.grad) for p in params]
     for k in (0, 2, 3, 10, 19):
         g = params[k].grad
