@@ -128,3 +128,31 @@ def test_files_and_figures(tiny):
 def test_invalid_every(every, message):
     with pytest.raises(ValueError, match=message):
         communication.run("digits-mlp", steps=2, seeds=1, every=every)
+
+
+def test_the_alpha_log_measures_each_solving_step_from_the_parameters_before_it():
+    """The training-loss change the α log records for a solving step is the change between the parameters
+    just before that step and just after it (reusing steps in between move the parameters too)."""
+    from pyco.studies._common import closure_for
+    from pyco.studies.orders import train_loss
+
+    import pyco
+
+    workload = load_workload("digits-mlp")(0)
+    stream = workload.batches()
+    eval_batches = [next(stream) for _ in range(2)]
+    log = communication.AlphaLog("coupled every 2", 0.05, 0, workload, eval_batches)
+    opt = pyco.Coupled(torch.optim.SGD(workload.model.parameters(), lr=0.05), workload.blocks, every=2,
+                       model=workload.model)
+    expected = []
+    batches = workload.batches()
+    for step in range(1, 6):
+        before = train_loss(workload, eval_batches)
+        batch = next(batches)
+        opt.step(closure_for(workload, opt, batch))
+        if opt.last_outcome != "reused":
+            expected.append(train_loss(workload, eval_batches) - before)
+        log(opt, step, batch)
+    got = list({a["step"]: a["eval_applied"] for a in log.rows}.values())
+    assert len(got) == len(expected) == 3  # steps 1, 3 and 5 solve
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -134,6 +134,11 @@ class Coupled(OrderWrapper):
     def last_alpha(self) -> dict[str, float]:
         return dict(zip(self.blocks.names, self._alpha.tolist()))
 
+    @property
+    def alpha_per_param(self) -> list[float]:
+        """The last step's α for each parameter, aligned with ``blocks.params()`` (its block's α)."""
+        return self._per_param(self._alpha)
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One block-scaled step. Returns the loss at θ (the closure's first evaluation).
 

@@ -110,7 +110,6 @@ def _run(factory, first, steps, lrs, seed_ids, configuration, opts, out, show_pr
         workload = factory(s)
         observer = (AlphaLog(method, lr, s, workload, meters[s].eval_batches) if method.startswith("coupled")
                     else None)
-        wrap.observer = observer
         cost = step_cost(solve_cost[s])
         result = _orders.train(method, workload, s, lr, budget, marks, meters[s], wrap_fn=wrap, cost_fn=cost,
                                observe=observer)
@@ -153,18 +152,13 @@ class Wrapper:
 
     def __init__(self, trust):
         self.trust = trust
-        self.observer: AlphaLog | None = None  # attached to the next Coupled built
 
     def __call__(self, method: str, inner, workload, seed: int):
         if not method.startswith("coupled"):
             return _orders.wrap(method, inner, workload, seed)
         every = int(method.split()[-1])
-        opt = pyco.Coupled(inner, workload.blocks, trust=self.trust, every=every, cross="no-cross" not in method,
-                           model=workload.model)
-        if self.observer is not None:
-            self.observer.attach(opt)
-            self.observer = None
-        return opt
+        return pyco.Coupled(inner, workload.blocks, trust=self.trust, every=every, cross="no-cross" not in method,
+                            model=workload.model)
 
 
 def step_cost(cost: dict):
@@ -228,15 +222,20 @@ class AlphaLog:
         self.eval_batches = eval_batches
         self.rows: list[dict] = []
         self.outcomes: dict[str, int] = {}
-        self.before: list[torch.Tensor] | None = None
+        self.before = self._snapshot(workload.blocks.params())  # the parameters before the step observed next
 
-    def attach(self, opt) -> None:
-        """Keeps the parameters before every step (a step pre-hook)."""
-        def keep(optimizer, args, kwargs):
-            self.before = [p.detach().clone() for p in optimizer.blocks.params()]
-        opt.register_step_pre_hook(keep)
+    @staticmethod
+    @torch.no_grad()
+    def _snapshot(params) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
 
     def __call__(self, opt, step: int, batch) -> None:
+        try:
+            self._record(opt, step, batch)
+        finally:
+            self.before = self._snapshot(opt.blocks.params())
+
+    def _record(self, opt, step: int, batch) -> None:
         self.outcomes = dict(opt.outcomes)
         if opt.last_outcome == "reused" or opt.last_report is None:
             return
@@ -259,10 +258,8 @@ class AlphaLog:
     def _eval_changes(self, opt, params) -> dict:
         """The training loss's change by the applied step and by the proposal (θ + Δ, Δ_b recovered as
         (θ' − θ)/α_b; None where some α_b is 0), at the parameters before and after this step."""
-        if self.before is None:
-            return {}
-        now = [p.detach().clone() for p in params]
-        alpha = opt._per_param(opt._alpha)
+        now = self._snapshot(params)
+        alpha = opt.alpha_per_param
         loss = lambda: _orders.train_loss(self.workload, self.eval_batches)  # noqa: E731
         after = loss()
         try:
