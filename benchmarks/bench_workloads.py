@@ -97,9 +97,10 @@ def subjects(workload, batch) -> dict:
     loss_fn = (lambda m: lambda: workload.loss(batch, m))(model)
     grads = torch.autograd.grad(loss_fn(), blocks.params())
     update = [-workload.recipe.lr * g for g in grads]
-    out["probe full C"] = lambda: pyco.probe.cross_terms(loss_fn, blocks, update, dtype=torch.float64, alone=False)
-    out["probe rows"] = lambda: pyco.probe.cross_terms(loss_fn, blocks, update, mode="rows", dtype=torch.float64,
-                                                       alone=False)
+    # bound now: ``blocks`` is rebound below, and a probe of blocks the loss does not depend on costs nothing
+    for name, mode in (("probe full C", "full"), ("probe rows", "rows")):
+        out[name] = (lambda f, b, u, m: lambda: pyco.probe.cross_terms(f, b, u, mode=m, dtype=torch.float64,
+                                                                        alone=False))(loss_fn, blocks, update, mode)
 
     model, blocks, opt = copy_of()
     out["record"] = (lambda m, b, o: lambda: pyco.probe.record(o, closure_for(workload, m, o, batch), b,

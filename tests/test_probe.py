@@ -362,3 +362,18 @@ def test_an_error_inside_leaves_the_model_as_it_was():
     assert calls
     for k, v in model.state_dict().items():
         assert v.dtype == state[k].dtype and torch.equal(v, state[k]), f"{k} changed"
+
+
+def test_blocks_of_another_copy_of_the_model_are_refused():
+    """Blocks the loss does not depend on (made from another copy of the model) would give C = 0 in no time;
+    the probe says what is wrong instead, and the model is left as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    other = copy.deepcopy(model)
+    x = torch.randn(5, 3)
+    blocks = pyco.blocks.by_module(other)
+    update = [torch.randn_like(p) for p in blocks.params()]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="does not depend on any of the blocks"):
+        pyco.probe.cross_terms(lambda: model(x).square().mean(), blocks, update)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -57,6 +57,11 @@ class GradientGraph:
         finally:
             for h in handles:
                 h.remove()
+        if self.params and all(g is None for g in self.grads):
+            raise ValueError(
+                f"pyco.probe: the loss does not depend on any of the blocks' {len(self.params)} parameters, so "
+                "every cross term would be 0; were the blocks made from another copy of the model than the one "
+                "the loss evaluates (copy.deepcopy the model and its blocks together)?")
         self.graph_bytes = saved.bytes
         # A block's gradient is finished when the last of its parameters' is; unused blocks go last.
         done = [max((stamps.get(i, -1) for i in m), default=-1) for m in members]
