@@ -230,12 +230,13 @@ class AlphaLog:
         return [p.detach().clone() for p in params]
 
     def __call__(self, opt, step: int, batch) -> None:
+        now = self._snapshot(opt.blocks.params())
         try:
-            self._record(opt, step, batch)
+            self._record(opt, step, batch, now)
         finally:
-            self.before = self._snapshot(opt.blocks.params())
+            self.before = now
 
-    def _record(self, opt, step: int, batch) -> None:
+    def _record(self, opt, step: int, batch, now: list[torch.Tensor]) -> None:
         self.outcomes = dict(opt.outcomes)
         if opt.last_outcome == "reused" or opt.last_report is None:
             return
@@ -246,7 +247,7 @@ class AlphaLog:
         params = opt.blocks.params()
         with FixedBatch(lambda: self.workload.loss(batch), params, opt.dtype) as fixed:
             applied = float(fixed.loss()) - report.loss_before  # buffers and random state left as they were
-        evals = self._eval_changes(opt, params)
+        evals = self._eval_changes(opt, params, now)
         for b, (name, alpha) in enumerate(opt.last_alpha.items()):
             coupled, nocross = (alpha, other[b]) if opt.cross else (other[b], alpha)
             self.rows.append({"method": self.method, "lr": self.lr, "seed": self.seed, "step": step, "block": name,
@@ -255,10 +256,9 @@ class AlphaLog:
                               "proposal_actual": report.actual, **evals})
 
     @torch.no_grad()
-    def _eval_changes(self, opt, params) -> dict:
+    def _eval_changes(self, opt, params, now: list[torch.Tensor]) -> dict:
         """The training loss's change by the applied step and by the proposal (θ + Δ, Δ_b recovered as
         (θ' − θ)/α_b; None where some α_b is 0), at the parameters before and after this step."""
-        now = self._snapshot(params)
         alpha = opt.alpha_per_param
         loss = lambda: _orders.train_loss(self.workload, self.eval_batches)  # noqa: E731
         after = loss()

@@ -1036,19 +1036,18 @@ def growth(summary: Summary, acts, lrs) -> list[str]:
 
 
 def worst_point(gaps: list[dict], act: str, lr: float, frozen: bool = False) -> str:
-    """The point with the largest relative error of ``act``'s prediction at ``lr`` (seed, step, sweep), with its
-    first-order decrease against the other seeds' at the same step: a large gradient there is a step far
-    outside the second-order regime."""
-    key = "measured_gap_frozen_" if frozen else "measured_gap_"
-    rows = [g for g in gaps if g["activation"] == act and g["lr"] == lr and g["predicted_gap"] != 0
-            and f"{key}forward" in g]
-    cands = [(abs(g[f"{key}{sweep}"] - g["predicted_gap"]) / abs(g["predicted_gap"]), sweep, g)
-             for g in rows for sweep in ("forward", "backward")]
+    """The point with the largest relative error of ``act``'s prediction at ``lr`` (seed, step, sweep; the
+    other sweep's error beside it), with its first-order decrease against the other seeds' at the same step."""
+    rows = [g for g in gaps if g["activation"] == act and g["lr"] == lr]
+    cands = [(err, sweep, g) for g in rows
+             for err, sweep in zip(relative_errors(g, frozen_pattern=frozen), ("forward", "backward"))]
     if not cands:
         return ""
     err, sweep, g = max(cands, key=lambda c: c[0])
-    other = {c[1]: c[0] for c in cands if c[2] is g}["backward" if sweep == "forward" else "forward"]
-    others = [abs(o["first_order"]) for o in rows if o["step"] == g["step"] and o["seed"] != g["seed"]]
+    fwd, bwd = relative_errors(g, frozen_pattern=frozen)
+    other = bwd if sweep == "forward" else fwd
+    others = [abs(o["first_order"]) for o in rows if o["step"] == g["step"] and o["seed"] != g["seed"]
+              and relative_errors(o, frozen_pattern=frozen)]
     text = (f"The largest single error is {err:.0%} (seed {g['seed']}, step {g['step']}, the {sweep} sweep; "
             f"{other:.0%} on the other)")
     if others and min(others) > 0:
@@ -1058,7 +1057,7 @@ def worst_point(gaps: list[dict], act: str, lr: float, frozen: bool = False) -> 
     return text + "."
 
 
-def explanation(summary: Summary, acts, lrs, steps, gaps: list[dict] | None = None) -> list[str]:
+def explanation(summary: Summary, acts, lrs, steps, gaps: list[dict]) -> list[str]:
     """Why the prediction misses where it does, from the flips and the frozen-pattern sweeps of this run."""
     out = []
     key = key_lr(lrs)
@@ -1079,13 +1078,13 @@ def explanation(summary: Summary, acts, lrs, steps, gaps: list[dict] | None = No
                                             quantity=f"from η = {a:g} to {b:g} its growth factor over the η ratio"))
         label = name.replace("-frozen", " network with its pattern frozen") if name.endswith("-frozen") \
             else f"{name} network"
+        worst = worst_point(gaps, name.removesuffix("-frozen"), key, frozen=name.endswith("-frozen"))
         out.append(f"- Why the {label} is not within 5% at η = {key:g} ({claims.ci(err, claims.percent)}): a "
                    f"remainder of third order grows in proportion to η, so its growth factor over the η ratio is 1; "
                    + "; ".join(checks) + ". "
                    + (f"Its error is below 5% for η ≤ {max(fine):g}." if fine else
                       "Its error is not below 5% at any η measured.")
-                   + (" " + worst_point(gaps, name.removesuffix("-frozen"), key, name.endswith("-frozen"))
-                      if gaps else ""))
+                   + (" " + worst if worst else ""))
     if "relu" not in acts:
         return out
     excess = summary.get(f"gap_error_excess/relu-vs-frozen/{tag}")
