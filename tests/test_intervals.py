@@ -128,3 +128,9 @@ def test_tables_escape_bars_and_render_one_row_per_line():
     assert tables.escape("already \\| escaped") == "already \\| escaped"
     with pytest.raises(ValueError, match="row 0 has 1 cells"):
         tables.markdown(["a", "b"], [["x"]])
+
+
+def test_percent_keeps_small_fractions_visible():
+    assert claims.percent(0.0523) == "5.2%" and claims.percent(0.0071) == "0.71%"
+    assert claims.percent(0.00023) == "0.023%" and claims.percent(-0.00023) == "-0.023%"
+    assert claims.percent(0.0) == "0.0%" and claims.percent(float("nan")) == "n/a"

@@ -346,3 +346,20 @@ def test_feature_drift_differentiates_twice_through_attention():
     rows = [r for r in results["rows"] if r["phase"] == "trained"]
     assert rows[0]["block"] == "wte" and rows[0]["feature_drift"] == 0.0  # token ids do not drift
     assert min(r["prediction_cosine"] for r in rows[1:]) > 0.9
+
+
+def test_digits_init_and_recipe_options():
+    he, own = (load_workload("digits-mlp", **o)(0) for o in ({}, dict(init="torch", lr=0.1, momentum=0)))
+    lin_he = [m for m in he.model.modules() if isinstance(m, torch.nn.Linear)]
+    lin_own = [m for m in own.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in lin_he)  # He: zero biases
+    for m in lin_own:  # nn.Linear's own: uniform in ±1/sqrt(fan-in), biases too
+        bound = 1 / m.in_features ** 0.5
+        assert 0 < float(m.bias.detach().abs().max()) <= bound and float(m.weight.detach().abs().max()) <= bound
+    assert (own.recipe.lr, own.recipe.momentum) == (0.1, 0.0) and (he.recipe.lr, he.recipe.momentum) == (0.05, 0.9)
+    assert own.config["init"] == "torch" and "initialisation" in own.description
+    assert "test accuracy" not in own.description  # the documented accuracy is the default set-up's
+    with pytest.raises(WorkloadError, match="init must be one of"):
+        load_workload("digits-mlp", init="xavier")(0)
+    with pytest.raises(WorkloadError, match="momentum must be a number in"):
+        load_workload("digits-mlp", momentum=1.5)(0)

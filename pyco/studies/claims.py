@@ -23,7 +23,10 @@ def number(x: float, digits: int = 3) -> str:
 
 
 def percent(x: float) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.1%}"
+    """A fraction as a percentage: one decimal from 1% up, two significant digits below (0.023%, not 0.0%)."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{100 * x:.2g}%" if 0 < abs(x) < 0.01 else f"{x:.1%}"
 
 
 def ci(est: Estimate, show: Callable[[float], str] = number, *, signed: bool = False) -> str:
